@@ -1,0 +1,489 @@
+"""Training the VQ-VAE: one plain loop, resumable to the step, on CPU, CUDA and under torchrun.
+
+A run folder holds ``config.json`` (written first), ``metrics.csv``, ``checkpoints/{last,best}.safetensors``
+and ``figures/``. Checkpoints carry the config, optimizer, RNG and data-order position, so ``resume``
+continues exactly where the run stopped. Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the model is
+wrapped in DistributedDataParallel, each rank reads its share of every global batch, and only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import RunConfig
+from .data import SliceSet, load_slices
+from .errors import CheckpointError, ConfigError, OasisVQError, TrainingError
+from .metrics import reconstruction_metrics
+from .models import VQVAE
+
+METRIC_FIELDS = ["step", "epoch", "time_s", "lr", "train_loss", "train_recon", "train_ssim", "perplexity",
+                 "usage", "images_per_s", "val_ssim", "val_psnr", "val_mae", "val_ssim_head", "val_psnr_head",
+                 "val_usage", "val_perplexity"]
+
+
+class Interrupted(OasisVQError):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    exit_code = 130
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (use cpu, cuda, cuda:N or auto)") from None
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA where supported (fp16 otherwise); nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+@contextlib.contextmanager
+def distributed_context():
+    """Initialise torch.distributed when launched by torchrun; yields (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield (dist.get_rank(), dist.get_world_size(), 0) if dist.is_initialized() else (0, 1, 0)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- run dir
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    out = Path(out)
+    holds_run = (out / "config.json").exists() or (out / "checkpoints").exists()
+    if holds_run and not (resume or overwrite):
+        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and not (out / "checkpoints" / "last.safetensors").is_file():
+        raise ConfigError(f"{out}: nothing to resume (no checkpoints/last.safetensors)")
+    if overwrite and holds_run and not resume:
+        for sub in ("checkpoints", "figures"):
+            for p in (out / sub).glob("*"):
+                p.unlink()
+        for name in ("metrics.csv", "metrics.json"):
+            (out / name).unlink(missing_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+
+
+def load_model(run_dir: Path | str, which: str = "best", device: str | torch.device = "cpu"
+               ) -> tuple[VQVAE, RunConfig]:
+    """The VQ-VAE of a run folder (``best`` or ``last`` checkpoint, or a path to a checkpoint file)."""
+    run_dir = Path(run_dir)
+    path = Path(which) if which.endswith(".safetensors") else run_dir / "checkpoints" / f"{which}.safetensors"
+    if not path.is_file():
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir}: no such run folder")
+        raise CheckpointError(f"{run_dir}: no model checkpoint ({path.name} missing); train one with `oasisvq train`")
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "vqvae" or "config" not in meta:
+        raise CheckpointError(f"{path}: not a VQ-VAE checkpoint")
+    cfg = RunConfig.from_dict(meta["config"])
+    model = VQVAE(cfg.model)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_state(model, state, path)
+    return model.to(pick_device(str(device)) if isinstance(device, str) else device).eval(), cfg
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}")
+        if shapes:
+            parts.append(f"shape differs: {shapes[:3]}")
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def lr_at(progress: float, step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% over the run's budget (``progress`` in [0, 1])."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Left-right flips and mild gamma/contrast jitter (anatomy stays plausible)."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-2), x)
+    gamma = torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.3).view(n, 1, 1, 1)
+    return x.clamp(0, 1).pow(gamma)
+
+
+@torch.no_grad()
+def evaluate_model(model: VQVAE, images: SliceSet, device: torch.device, batch_size: int = 32,
+                   amp: bool = False, max_slices: int = 0) -> dict[str, float]:
+    """Mean reconstruction metrics and code use of ``model`` over (a fixed, evenly spaced subset of) a set."""
+    n = len(images)
+    idx = np.arange(n) if not max_slices or n <= max_slices else np.linspace(0, n - 1, max_slices).astype(int)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    counts = torch.zeros(model.cfg.num_codes, dtype=torch.float64)
+    ctx, _ = autocast_for(device, amp)
+    for start in range(0, len(idx), batch_size):
+        x = images.tensor(idx[start:start + batch_size]).to(device)
+        with ctx:
+            codes = model.encode(x)
+            recon = model.decode_indices(codes)
+        counts += torch.bincount(codes.flatten().cpu(), minlength=model.cfg.num_codes).double()
+        for k, v in reconstruction_metrics(x, recon.float()).items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+    model.train(was_training)
+    out = {k: v / len(idx) for k, v in sums.items()}
+    p = counts[counts > 0] / counts.sum()
+    out["usage"] = float((counts > 0).double().mean())
+    out["perplexity"] = float(torch.exp(-(p * p.log()).sum()))
+    out["code_counts"] = counts.numpy()
+    return out
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks once per step (the main thread only)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C means stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
+          cache_dir: Path | str | None = None, progress: bool = True, _fault_at_step: int | None = None) -> dict:
+    """Train a VQ-VAE as ``cfg`` says, into the run folder ``out``. Returns the final validation metrics.
+
+    ``_fault_at_step`` injects a NaN loss at that step (tests of the NaN guard only)."""
+    out = Path(out)
+    with distributed_context() as (rank, world, local_rank):
+        if resume:
+            saved = load_checkpoint(out / "checkpoints" / "last.safetensors")[1]
+            on_disk = RunConfig.from_dict(saved["config"])
+            _check_resume_config(cfg, on_disk, out)
+            cfg = on_disk if cfg is None else _merge_budget(on_disk, cfg)
+        cfg.validate()
+        if rank == 0:
+            prepare_run_dir(out, resume, overwrite)
+            cfg.save(out / "config.json")
+        if world > 1:
+            dist.barrier()
+        device = pick_device(cfg.train.device)
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        return _Trainer(cfg, out, device, rank, world, cache_dir, progress, _fault_at_step).run(resume)
+
+
+def _check_resume_config(new: RunConfig | None, old: RunConfig, out: Path) -> None:
+    if new is None:
+        return
+    diffs = [f"{sec}.{k}: {getattr(getattr(old, sec), k)!r} -> {v!r}"
+             for sec in ("data", "model") for k, v in asdict(getattr(new, sec)).items()
+             if getattr(getattr(old, sec), k) != v]
+    if diffs:
+        raise ConfigError(f"{out}: cannot resume with a different data/model config ({'; '.join(diffs[:4])})")
+
+
+def _merge_budget(old: RunConfig, new: RunConfig) -> RunConfig:
+    """On resume only the budget may change (more epochs or minutes)."""
+    old.train.epochs, old.train.max_minutes = new.train.epochs, new.train.max_minutes
+    return old
+
+
+class _Trainer:
+    def __init__(self, cfg: RunConfig, out: Path, device: torch.device, rank: int, world: int,
+                 cache_dir, progress: bool, fault_at_step: int | None):
+        self.cfg, self.out, self.device, self.rank, self.world = cfg, out, device, rank, world
+        self.progress = progress and rank == 0
+        self.fault_at_step = fault_at_step
+        torch.manual_seed(cfg.train.seed)
+        data = load_slices(cfg.data, cache_dir=cache_dir, progress=self.progress)
+        self.train_set = data.split("train")
+        self.val_set = data.split("validate")
+        if len(self.train_set) < cfg.train.batch_size * world:
+            raise ConfigError(
+                f"batch size {cfg.train.batch_size} x {world} process(es) is larger than the training split "
+                f"({len(self.train_set)} slices)")
+        self.model = VQVAE(cfg.model).to(device).to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     betas=(0.9, 0.99))
+        self.autocast, amp_dtype = autocast_for(device, cfg.train.amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The quantiser synchronises its own buffers (all-reduced EMA statistics).
+            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+        self.global_batch = cfg.train.batch_size * world
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch if cfg.train.epochs > 0 else 0
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.elapsed = 0.0
+        self.best = -1.0
+        self.rows: list[dict] = []
+        self.aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, name: str) -> None:
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt_t, opt_meta = optimizer_to_tensors(self.opt)
+        tensors.update(opt_t)
+        tensors.update(rng_state())
+        tensors["rng.augment"] = self.aug_gen.get_state()
+        meta = {"kind": "vqvae", "oasisvq_version": __version__, "config": self.cfg.to_dict(),
+                "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "elapsed_s": self.elapsed, "best_val_ssim": self.best, "optimizer": opt_meta,
+                "metrics_rows": len(self.rows)}
+        if self.scaler is not None:
+            meta["scaler"] = self.scaler.state_dict()
+        save_checkpoint(self.out / "checkpoints" / f"{name}.safetensors", tensors, meta)
+
+    def _restore(self) -> None:
+        tensors, meta = load_checkpoint(self.out / "checkpoints" / "last.safetensors")
+        _load_state(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                    self.out / "checkpoints" / "last.safetensors")
+        optimizer_from_tensors(self.opt, tensors, meta["optimizer"])
+        set_rng_state(tensors)
+        self.aug_gen.set_state(tensors["rng.augment"])
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+        self.elapsed, self.best = meta["elapsed_s"], meta["best_val_ssim"]
+        # Rows written after the checkpoint (by a run killed later) belong to steps about to be redone.
+        if (self.out / "metrics.csv").is_file():
+            with open(self.out / "metrics.csv", newline="") as f:
+                self.rows = list(csv.DictReader(f))[: meta["metrics_rows"]]
+
+    def _write_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.out / "metrics.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ loop
+    def _budget_progress(self) -> float:
+        parts = []
+        if self.total_steps:
+            parts.append(self.step / self.total_steps)
+        if self.cfg.train.max_minutes > 0:
+            parts.append(self.elapsed / (60 * self.cfg.train.max_minutes))
+        return max(parts)
+
+    def _batch(self) -> torch.Tensor:
+        order = epoch_order(len(self.train_set), self.cfg.train.seed, self.epoch)
+        start = self.step_in_epoch * self.global_batch + self.rank * self.cfg.train.batch_size
+        x = self.train_set.tensor(order[start:start + self.cfg.train.batch_size])
+        if self.cfg.train.augment:
+            x = augment_batch(x, self.aug_gen)
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(values, t)}
+
+    def run(self, resume: bool) -> dict:
+        if resume:
+            self._restore()
+        model = self.ddp or self.model
+        model.train()
+        evals = sorted({max(1, round(self.steps_per_epoch * (i + 1) / self.cfg.train.evals_per_epoch))
+                        for i in range(self.cfg.train.evals_per_epoch)})
+        bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.progress, unit="step",
+                   desc="train", dynamic_ncols=True)
+        acc: dict[str, float] = {}
+        n_acc = 0
+        last = None
+        t_seen = time.perf_counter()
+        with _StopFlag() as stop:
+            while not self._done():
+                lr = lr_at(self._budget_progress(), self.step, self.cfg.train.lr, self.cfg.train.warmup_steps)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                x = self._batch()
+                with self.autocast:
+                    _, losses = model(x)
+                loss = losses["loss"]
+                if self.fault_at_step is not None and self.step == self.fault_at_step:
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {float(loss)} at step {self.step} (epoch {self.epoch}); the last good "
+                        f"checkpoint is kept in {self.out / 'checkpoints'}. Likely causes: learning rate too "
+                        f"high (train.lr = {self.cfg.train.lr}) or input outside [0, 1]; lower train.lr and "
+                        f"run again with --resume")
+                self.opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.opt.step()
+                for k in ("loss", "recon", "ssim", "perplexity", "usage"):
+                    if k in losses:
+                        acc[k] = acc.get(k, 0.0) + float(losses[k].detach())
+                n_acc += 1
+                self.step += 1
+                self.step_in_epoch += 1
+                now = time.perf_counter()
+                self.elapsed += now - t_seen
+                t_seen = now
+                bar.update(1)
+                if self.progress and self.step % 5 == 0:
+                    bar.set_postfix(loss=f"{acc['loss'] / n_acc:.4f}", ssim=f"{acc.get('ssim', 0) / n_acc:.3f}",
+                                    codes=f"{acc['usage'] / n_acc:.2f}", epoch=self.epoch)
+                end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
+                if self.step_in_epoch in evals or end_of_epoch or self._done() or stop.signal is not None:
+                    # A stop signal still gets a (cheap) checkpoint, but skips validation.
+                    last = self._checkpoint(acc, n_acc, lr, validate=stop.signal is None)
+                    acc, n_acc = {}, 0
+                    t_seen = time.perf_counter()  # validation and writing are not training time
+                if end_of_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                if stop.signal is not None:
+                    bar.close()
+                    name = signal.Signals(stop.signal).name
+                    raise Interrupted(
+                        f"stopped by {name} at step {self.step}; checkpoint saved. Continue with: "
+                        f"oasisvq train --out {self.out} --resume")
+        bar.close()
+        if self.rank == 0:
+            self.finish_figures(last)
+        return {k: v for k, v in (last or {}).items() if k != "code_counts"}
+
+    def _done(self) -> bool:
+        if self.total_steps and self.step >= self.total_steps:
+            return True
+        return self.cfg.train.max_minutes > 0 and self.elapsed >= 60 * self.cfg.train.max_minutes
+
+    def _checkpoint(self, acc: dict[str, float], n_acc: int, lr: float, validate: bool = True) -> dict | None:
+        train_stats = self._reduce({k: v / max(n_acc, 1) for k, v in acc.items()})
+        row = {"step": self.step, "epoch": self.epoch, "time_s": round(self.elapsed, 2), "lr": lr,
+               "train_loss": train_stats.get("loss"), "train_recon": train_stats.get("recon"),
+               "train_ssim": train_stats.get("ssim"), "perplexity": train_stats.get("perplexity"),
+               "usage": train_stats.get("usage"),
+               "images_per_s": round(self.step * self.global_batch / max(self.elapsed, 1e-9), 2)}
+        val = None
+        if validate and self.rank == 0:
+            val = evaluate_model(self.model, self.val_set, self.device, amp=self.cfg.train.amp,
+                                 max_slices=self.cfg.train.val_slices)
+            row.update({"val_ssim": val["ssim"], "val_psnr": val["psnr"], "val_mae": val["mae"],
+                        "val_ssim_head": val["ssim_head"], "val_psnr_head": val["psnr_head"],
+                        "val_usage": val["usage"], "val_perplexity": val["perplexity"]})
+            if val["ssim"] > self.best:
+                self.best = val["ssim"]
+                self.rows.append(row)
+                self._save("best")
+            else:
+                self.rows.append(row)
+        elif self.rank == 0:
+            self.rows.append(row)
+        self._write_metrics()
+        self._save("last")
+        if self.world > 1:
+            dist.barrier()
+        return val
+
+    def finish_figures(self, last: dict | None) -> None:
+        from .figures import codebook_usage, reconstruction_grid, training_curves
+
+        figs = self.out / "figures"
+        training_curves(self.out / "metrics.csv", figs / "training_curves.png", title=f"training ({self.out.name})")
+        model, _ = load_model(self.out, "best", self.device)
+        n = min(4, len(self.val_set))
+        pick = np.linspace(0, len(self.val_set) - 1, n).astype(int)
+        x = self.val_set.tensor(pick).to(self.device)
+        with torch.no_grad():
+            r = model.decode_indices(model.encode(x)).float()
+        reconstruction_grid(x[:, 0].cpu().numpy(), r[:, 0].cpu().numpy(), figs / "validation_grid.png",
+                            titles=[f"{self.val_set.subjects[i]}" for i in pick])
+        if last is not None:
+            codebook_usage(last["code_counts"], figs / "codebook_usage.png", title="validation codebook usage")
