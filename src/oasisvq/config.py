@@ -196,6 +196,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"downsample": 4, "channels": (16, 32), "hidden": 96, "res_blocks": 2, "num_codes": 512, "code_dim": 32},
     "cpu-f8": {"downsample": 8, "channels": (32, 64, 128), "hidden": 128, "res_blocks": 2,
                "num_codes": 512, "code_dim": 32},
+    "cpu-f16": {"downsample": 16, "channels": (16, 32, 64, 128), "hidden": 128, "res_blocks": 2,
+                "num_codes": 512, "code_dim": 32},
     "gpu": {"downsample": 4, "channels": (64, 128), "hidden": 256, "res_blocks": 4, "num_codes": 1024,
             "code_dim": 64},
     "gpu-f8": {"downsample": 8, "channels": (64, 128, 256), "hidden": 256, "res_blocks": 4,

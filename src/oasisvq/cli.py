@@ -1,0 +1,360 @@
+"""The ``oasisvq`` command line: it parses options and calls the library, nothing more.
+
+Every problem the user can fix ends the command with one line ``oasisvq: error: ...`` and exit code 2
+(130 for an interrupted run that saved a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, OasisVQError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_data_inspect(a) -> int:
+    from .config import DataConfig
+    from .data import inspect
+
+    cfg = DataConfig(size=a.size, axis=a.axis, image_pattern=a.pattern)
+    grid = a.grid or Path(f"{Path(a.path).resolve().name or 'data'}_inspect.png")
+    report = inspect(a.path, cfg, grid_png=grid, cache_dir=a.cache_dir, skip_bad=a.skip_bad)
+    _print_json(report)
+    return 0
+
+
+def cmd_data_download(a) -> int:
+    from .download import download_oasis1
+
+    _print_json(download_oasis1(a.out, a.discs or None, accept_terms=a.accept_terms, base_url=a.base_url,
+                                progress=not a.no_progress))
+    return 0
+
+
+def cmd_data_prepare(a) -> int:
+    from .download import prepare_oasis1
+
+    _print_json(prepare_oasis1(a.src, a.out, axis=a.axis, size=a.size, image=a.image, with_masks=a.with_masks,
+                               format=a.format, seed=a.seed, progress=not a.no_progress))
+    return 0
+
+
+def build_train_config(a):
+    """The run config from --config (JSON), a --preset, then explicit options, in that order."""
+    from .config import RunConfig, TrainConfig, model_preset
+
+    preset = a.preset or {None: "cpu", 4: "cpu", 8: "cpu-f8", 16: "cpu-f16"}[a.downsample]
+    cfg = RunConfig.load(a.config) if a.config else RunConfig(model=model_preset(preset), train=TrainConfig())
+    if a.config and a.preset:
+        cfg.model = model_preset(a.preset)
+    if a.downsample is not None and cfg.model.downsample != a.downsample:
+        raise ConfigError(f"--downsample {a.downsample} contradicts the model's downsample "
+                          f"{cfg.model.downsample} (from --preset or --config)")
+    if a.data:
+        cfg.data = replace(cfg.data, paths=[str(p) for p in a.data])
+    if not cfg.data.paths:
+        raise ConfigError("--data is required (a folder of PNG slices or volumes; repeat to combine sources)")
+    overrides = {"epochs": a.epochs, "max_minutes": a.max_minutes, "batch_size": a.batch_size,
+                 "device": a.device, "seed": a.seed, "lr": a.lr}
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg.train, k, v)
+    if a.max_minutes is not None and a.epochs is None:
+        cfg.train.epochs = 0  # a time budget alone
+    if a.size is not None:
+        cfg.data = replace(cfg.data, size=a.size)
+    return cfg.validate()
+
+
+def cmd_train(a) -> int:
+    from .training import train
+
+    if a.resume and not a.data and not a.config:
+        cfg = None  # continue the run as configured on disk
+        if a.epochs is not None or a.max_minutes is not None:
+            from .config import RunConfig
+
+            cfg = RunConfig.load(Path(a.out) / "config.json")
+            cfg.train.epochs = a.epochs if a.epochs is not None else (0 if a.max_minutes else cfg.train.epochs)
+            cfg.train.max_minutes = a.max_minutes if a.max_minutes is not None else cfg.train.max_minutes
+    else:
+        cfg = build_train_config(a)
+    result = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, cache_dir=a.cache_dir,
+                   progress=not a.no_progress)
+    _print_json({"run": str(a.out), "validation": result})
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluation import evaluate
+
+    m = evaluate(a.run, data=a.data, split=a.split, out=a.out, which=a.checkpoint, device=a.device,
+                 cache_dir=a.cache_dir, progress=not a.no_progress)
+    f = m["code_grid"]
+    floor = next(k for k in m["floors"] if k.startswith("down"))
+    print(f"{m['slices']} {a.split} slices of {m['subjects']} subjects, code grid {f}x{f}, "
+          f"{m['bits_per_pixel']:.3f} bits/pixel")
+    print(f"  SSIM whole slice {m['model']['ssim']['mean']:.4f} +- {m['model']['ssim']['std']:.4f}   "
+          f"inside head {m['model']['ssim_head']['mean']:.4f}   PSNR {m['model']['psnr']['mean']:.2f} dB")
+    print(f"  floors: {floor} SSIM {m['floors'][floor]['ssim']['mean']:.4f}, "
+          f"all-black {m['floors']['all_black']['ssim']['mean']:.4f}")
+    print(f"  written to {a.out or Path(a.run) / f'eval-{a.split}'}")
+    return 0
+
+
+def cmd_reconstruct(a) -> int:
+    from .evaluation import reconstruct
+
+    for p in reconstruct(a.run, a.inputs, a.out, which=a.checkpoint, device=a.device, progress=not a.no_progress):
+        print(p)
+    return 0
+
+
+def cmd_train_prior(a) -> int:
+    from .sampling import train_prior
+
+    options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
+                                          "seed", "kernel") if getattr(a, k) is not None}
+    if a.no_codebook_init:
+        options["init_from_codebook"] = False
+    result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
+                         overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
+                         progress=not a.no_progress, **options)
+    _print_json(result)
+    return 0
+
+
+def cmd_sample(a) -> int:
+    from .sampling import sample
+
+    info = sample(a.run, a.prior, n=a.n, out=a.out, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
+                  cond=a.cond, batch_size=a.batch_size, device=a.device, which=a.checkpoint,
+                  progress=not a.no_progress)
+    out = a.out or Path(a.run) / f"samples-{a.prior}"
+    print(f"{info['n']} samples in {out} ({info['samples_per_second']:.2f} samples/s)")
+    return 0
+
+
+def cmd_evaluate_samples(a) -> int:
+    from .sampling import evaluate_sample_dir
+
+    m = evaluate_sample_dir(a.run, a.samples, split=a.split, max_real=a.max_real,
+                            copy_threshold=a.copy_threshold, device=a.device, cache_dir=a.cache_dir,
+                            seed=a.seed, progress=not a.no_progress)
+    f, d, mem = m["fidelity"], m["diversity"], m["memorisation"]
+    print(f"{m['n_samples']} samples vs {m['n_real_heldout']} real {a.split} slices "
+          f"(real-vs-real floor in brackets)")
+    print(f"  Frechet {f['frechet']:.4g} [{f['frechet_floor']:.4g}]   KID {f['kid']:.4g} [{f['kid_floor']:.4g}]")
+    print(f"  pairwise SSIM {d['samples_pairwise_ssim']:.4f} [real {d['real_pairwise_ssim']:.4f}]")
+    print(f"  nearest-train SSIM mean {mem['nearest_train_ssim']['mean']:.4f} max {mem['nearest_train_ssim']['max']:.4f}"
+          f"; copies (> {mem['threshold']}): {mem['copies']}")
+    for q, v in m["anatomy"].items():
+        print(f"  {q}: W1 {v['wasserstein']:.4f} [{v['floor_wasserstein']:.4f}]")
+    print(f"  written to {Path(a.samples) / 'samples_metrics.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oasisvq", description=(
+        "Learn brain MRI with a VQ-VAE, generate new slices from a prior over its codes, and measure both."))
+    p.add_argument("--version", action="version", version=f"oasisvq {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # data
+    data = sub.add_parser("data", help="inspect, download and prepare MRI data",
+                          description="Inspect a data folder, download OASIS-1, or prepare it into slices.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    d = dsub.add_parser("inspect", help="report what a data folder holds and write a grid of sample slices",
+                        description="Print layout, subjects and slices per split, shape, intensity range and "
+                                    "problems of a data folder (keras PNG set, train/validate/test PNG folders, "
+                                    "or volumes) and write a PNG grid of sample slices.")
+    d.add_argument("path", help="data folder or volume file")
+    d.add_argument("--grid", type=Path, help="where to write the sample grid (default: ./<folder>_inspect.png)")
+    d.add_argument("--size", type=_positive_int, default=256, help="slice size after padding/resizing (256)")
+    d.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"], help="volumes: slicing axis")
+    d.add_argument("--pattern", default="", help="volumes: only files matching this glob (e.g. '*masked_gfc*')")
+    d.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of stopping")
+    d.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
+    d.set_defaults(func=cmd_data_inspect)
+
+    d = dsub.add_parser("download", help="download the OASIS-1 cross-sectional release",
+                        description="Download and safely unpack the OASIS-1 disc archives (resumable, verified). "
+                                    "Requires accepting the OASIS data use terms.")
+    d.add_argument("dataset", choices=["oasis1"], help="which release (oasis1)")
+    d.add_argument("--out", type=Path, required=True, help="download and unpack into this folder")
+    d.add_argument("--discs", type=_positive_int, nargs="+", help="disc numbers 1..12 (default: all)")
+    d.add_argument("--accept-terms", action="store_true", help="accept the OASIS data use terms (printed)")
+    d.add_argument("--base-url", help="mirror base URL (also $OASISVQ_OASIS1_URL)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_data_download)
+
+    d = dsub.add_parser("prepare", help="slice OASIS-1 volumes into a training set",
+                        description="Find each subject's processed T88 image (and FSL segmentation) in an "
+                                    "unpacked OASIS-1 release and write a keras-layout PNG set or the slice cache, "
+                                    "split by subject. Running it again does only what is missing.")
+    d.add_argument("src", type=Path, help="unpacked OASIS-1 folder")
+    d.add_argument("--out", type=Path, required=True, help="output folder")
+    d.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    d.add_argument("--size", type=_positive_int, default=256)
+    d.add_argument("--image", default="masked_gfc", help="which T88 image: masked_gfc (default), gfc, ...")
+    d.add_argument("--with-masks", action="store_true", help="also write FSL tissue masks (seg_ PNGs)")
+    d.add_argument("--format", default="png", choices=["png", "cache"])
+    d.add_argument("--seed", type=int, default=0, help="subject split seed")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_data_prepare)
+
+    # train
+    t = sub.add_parser("train", help="train a VQ-VAE", description=(
+        "Train a VQ-VAE on MRI slices into a run folder (config.json, metrics.csv, checkpoints/, figures/). "
+        "Launch with torchrun for several processes or GPUs."))
+    t.add_argument("--data", action="append", type=Path, help="data folder or volume (repeat to combine sources)")
+    t.add_argument("--out", type=Path, required=True, help="run folder")
+    t.add_argument("--config", type=Path, help="JSON run config (as written to a run's config.json)")
+    t.add_argument("--preset", choices=["cpu", "cpu-f8", "cpu-f16", "gpu", "gpu-f8"], help="model preset (default: cpu)")
+    t.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    t.add_argument("--max-minutes", type=_positive_float, help="training time budget in minutes")
+    t.add_argument("--batch-size", type=_positive_int, help="slices per step and process")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    t.add_argument("--downsample", type=int, choices=[4, 8, 16], help="image size / code grid size")
+    t.add_argument("--size", type=_positive_int, help="slice size (multiple of 16)")
+    t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--cache-dir", type=Path, help="slice cache folder")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="measure a trained VQ-VAE on held-out slices", description=(
+        "Per-slice SSIM/PSNR/MAE (whole slice and inside the head) beside the all-black and down-f-up floors; "
+        "writes per_slice.csv, metrics.json and figures."))
+    e.add_argument("run", type=Path, help="run folder")
+    e.add_argument("--data", action="append", help="data to evaluate on (default: the run's own data)")
+    e.add_argument("--split", default="test", choices=["train", "validate", "test"])
+    e.add_argument("--out", type=Path, help="output folder (default: RUN/eval-<split>)")
+    e.add_argument("--checkpoint", default="best", help="best (default), last, or a .safetensors path")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--cache-dir", type=Path)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("reconstruct", help="reconstruct PNG slices or volumes with a trained VQ-VAE",
+                       description="Write each reconstruction under the input's file name (PNG in, 8-bit PNG "
+                                   "out; volume in, NIfTI out, slice by slice).")
+    r.add_argument("run", type=Path, help="run folder")
+    r.add_argument("inputs", nargs="+", help="PNG files, volumes or folders of them")
+    r.add_argument("--out", type=Path, required=True, help="output folder")
+    r.add_argument("--checkpoint", default="best")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_reconstruct)
+
+    tp = sub.add_parser("train-prior", help="train a prior over a run's code grids", description=(
+        "Encode the run's train/validate slices once (cached), train a transformer or gated PixelCNN prior "
+        "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png)."))
+    tp.add_argument("run", type=Path, help="run folder with a trained VQ-VAE")
+    tp.add_argument("--kind", default="transformer", choices=["transformer", "pixelcnn"])
+    tp.add_argument("--epochs", type=_positive_int, help="total epochs (default 10; --resume: the saved total)")
+    tp.add_argument("--max-minutes", type=_positive_float, help="time budget of this call in minutes")
+    tp.add_argument("--layers", type=_positive_int)
+    tp.add_argument("--width", type=_positive_int, help="embedding size / channels")
+    tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
+    tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, odd)")
+    tp.add_argument("--num-classes", type=int, help="condition on the slice position cut into this many classes")
+    tp.add_argument("--dropout", type=float)
+    tp.add_argument("--lr", type=_positive_float)
+    tp.add_argument("--batch-size", type=_positive_int)
+    tp.add_argument("--seed", type=int)
+    tp.add_argument("--no-codebook-init", action="store_true", help="random code embeddings")
+    tp.add_argument("--resume", action="store_true", help="continue RUN/prior-<kind> from last.safetensors")
+    tp.add_argument("--overwrite", action="store_true", help="replace an existing prior of this kind")
+    tp.add_argument("--device", default="auto")
+    tp.add_argument("--cache-dir", type=Path)
+    tp.add_argument("--no-progress", action="store_true")
+    tp.set_defaults(func=cmd_train_prior)
+
+    sp = sub.add_parser("sample", help="generate slices from a trained prior", description=(
+        "Write N 8-bit PNGs sample_000.png..., samples_grid.png and samples.json; the same seed (and batch "
+        "size and device) gives byte-identical PNGs."))
+    sp.add_argument("run", type=Path, help="run folder")
+    sp.add_argument("--prior", default="transformer", choices=["transformer", "pixelcnn"])
+    sp.add_argument("-n", type=_positive_int, default=16, help="number of samples")
+    sp.add_argument("--out", type=Path, help="output folder (default: RUN/samples-<prior>)")
+    sp.add_argument("--temperature", type=_positive_float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0: all)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--cond", type=int, help="slice-position class (conditional priors)")
+    sp.add_argument("--batch-size", type=_positive_int, default=16)
+    sp.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_sample)
+
+    es = sub.add_parser("evaluate-samples", help="measure generated slices", description=(
+        "Fidelity (Frechet, KID), diversity, memorisation and anatomy of the samples in a folder against the "
+        "run's real slices, each beside a real-vs-real floor; writes samples_metrics.json there."))
+    es.add_argument("run", type=Path, help="run folder")
+    es.add_argument("samples", type=Path, help="folder written by `oasisvq sample`")
+    es.add_argument("--split", default="test", choices=["validate", "test"], help="held-out real slices")
+    es.add_argument("--max-real", type=_positive_int, default=1000)
+    es.add_argument("--copy-threshold", type=float, default=0.95, help="SSIM above which a sample is a copy")
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--device", default="auto")
+    es.add_argument("--cache-dir", type=Path)
+    es.add_argument("--no-progress", action="store_true")
+    es.set_defaults(func=cmd_evaluate_samples)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        (parser if a.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
+        return 2
+    try:
+        return a.func(a) or 0
+    except OasisVQError as e:
+        print(f"oasisvq: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("oasisvq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

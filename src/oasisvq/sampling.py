@@ -1,0 +1,494 @@
+"""Train a prior over a run's code grids, sample slices from it, and measure the samples.
+
+Layout inside a run folder::
+
+    RUN_DIR/prior-<kind>/codes.safetensors   code grids of the train and validate splits (cache)
+    RUN_DIR/prior-<kind>/last.safetensors    checkpoint to resume from (model, optimizer, RNG, counters)
+    RUN_DIR/prior-<kind>/best.safetensors    weights with the lowest validation bits per code
+    RUN_DIR/prior-<kind>/metrics.csv         one row per epoch (or per interrupted epoch)
+    RUN_DIR/prior-<kind>/curve.png           train / validation bits per code
+
+The code cache is keyed by a hash of the VQ-VAE checkpoint it was encoded with, so retraining the VQ-VAE
+re-encodes. With a conditional prior (``num_classes > 0``) the class of a slice is its relative position
+in the volume, cut into ``num_classes`` equal bins (0 = first head-bearing slice).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    atomic_write_bytes,
+    atomic_write_text,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .errors import CheckpointError, ConfigError, DataError
+from .generation_metrics import evaluate_samples
+from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
+
+METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
+CODES_FILE = "codes.safetensors"
+WARMUP_STEPS = 100  # linear learning-rate warm-up, then a constant rate
+SAVE_EVERY_S = 600  # mid-epoch checkpoint interval
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def prior_dir(run_dir: Path | str, kind: str) -> Path:
+    if kind not in PRIOR_KINDS:
+        raise ConfigError(f"unknown prior kind {kind!r}; choose one of {', '.join(PRIOR_KINDS)}")
+    return Path(run_dir) / f"prior-{kind}"
+
+
+def _open_run(run_dir: Path | str, device: torch.device):
+    """The run's VQ-VAE (best checkpoint, eval mode) and its RunConfig."""
+    from .training import load_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder")
+    return load_model(run_dir, "best", device)
+
+
+def _run_slices(run_cfg, cache_dir, progress: bool):
+    from .data import load_slices
+
+    return load_slices(run_cfg.data, cache_dir, progress=progress)
+
+
+def _fingerprint(run_dir: Path) -> str:
+    path = Path(run_dir) / "checkpoints" / "best.safetensors"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def position_classes(position: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Relative slice positions in [0, 1] -> class indices in [0, num_classes)."""
+    pos = np.asarray(position, dtype=np.float64)
+    if np.isnan(pos).any():
+        raise DataError("a conditional prior needs the slice position of every slice, but some are unknown "
+                        "(PNG slices carry no position; use volumes or num_classes=0)")
+    return torch.from_numpy(np.clip(np.floor(pos * num_classes), 0, num_classes - 1).astype(np.int64))
+
+
+@torch.no_grad()
+def encode_slices(model, slices, device: torch.device, batch_size: int = 64, progress: bool = True,
+                  desc: str = "encode") -> torch.Tensor:
+    """Code grids (N, h, w) int32 of every slice of a SliceSet."""
+    out = []
+    for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = np.arange(i, min(i + batch_size, len(slices)))
+        out.append(model.encode(slices.tensor(idx).to(device)).to(torch.int32).cpu())
+    return torch.cat(out)
+
+
+def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
+                 cache_dir: Path | str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Train/validate code grids and slice positions, from ``prior-<kind>/codes.safetensors`` if it
+    matches the run's current VQ-VAE, else encoded now and cached."""
+    path = prior_dir(run_dir, kind) / CODES_FILE
+    fp = _fingerprint(Path(run_dir))
+    if path.is_file():
+        try:
+            tensors, meta = load_checkpoint(path)
+            if meta.get("vqvae") == fp and meta.get("kind") == "codes":
+                return tensors
+        except CheckpointError:
+            pass  # damaged cache: rebuild it
+    slices = _run_slices(run_cfg, cache_dir, progress)
+    tensors = {}
+    for split in ("train", "validate"):
+        part = slices.split(split)
+        tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
+        tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
+    save_checkpoint(path, tensors, {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes})
+    return tensors
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _curve(rows: list[dict], path: Path, title: str) -> None:
+    from . import figures
+
+    plt = figures.plt
+    with plt.rc_context(figures.STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        ep = [float(r["epoch"]) for r in rows]
+        for key, label in (("train_bits", "train"), ("val_bits", "validation")):
+            ax.plot(ep, [float(r[key]) for r in rows], marker="o" if len(rows) < 30 else None, ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("bits per code")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        figures.save(fig, path)
+
+
+@torch.no_grad()
+def bits_per_code(prior, codes: torch.Tensor, cond: torch.Tensor | None, device: torch.device,
+                  batch_size: int = 32) -> float:
+    """Mean negative log-likelihood of ``codes`` (N, h, w) under ``prior``, in bits per code."""
+    was_training = prior.training
+    prior.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(codes), batch_size):
+        x = codes[i:i + batch_size].long().to(device)
+        c = None if cond is None else cond[i:i + batch_size].to(device)
+        total += F.cross_entropy(prior(x, c).float(), x, reduction="sum").item()
+        count += x.numel()
+    prior.train(was_training)
+    return total / max(count, 1) / math.log(2)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_prior(run_dir: Path | str, kind: str = "transformer", epochs: int | None = None,
+                max_minutes: float = 0.0,
+                resume: bool = False, *, overwrite: bool = False, device: str = "auto",
+                cache_dir: Path | str | None = None, progress: bool = True, val_grids: int = 512,
+                **options: Any) -> dict[str, Any]:
+    """Train a prior of ``kind`` on the code grids of the run's training split.
+
+    ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr,
+    batch_size, seed, kernel, init_from_codebook). ``epochs`` is the total number of epochs (default 10; a
+    resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the wall-clock time of this call. Validation uses at
+    most ``val_grids`` validate-split grids (a fixed subset). Returns the final metrics row plus paths.
+    """
+    from .training import autocast_for, epoch_order, pick_device
+
+    fields = {f.name for f in dataclasses.fields(PriorConfig)} - {"kind", "epochs", "max_minutes"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    run_dir = Path(run_dir)
+    pdir = prior_dir(run_dir, kind)
+    last_path = pdir / "last.safetensors"
+    if resume and not last_path.is_file():
+        raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
+    if not resume and last_path.is_file() and not overwrite:
+        raise ConfigError(f"{pdir}: already holds a prior; pass --resume to continue it or --overwrite to replace it")
+    dev = pick_device(device)
+    vq, run_cfg = _open_run(run_dir, dev)
+
+    saved_t, saved = (load_checkpoint(last_path) if resume else ({}, {}))
+    if resume:
+        if saved.get("kind") != "prior":
+            raise CheckpointError(f"{last_path}: not a prior checkpoint")
+        cfg = PriorConfig(**saved["prior_config"])
+        differ = [k for k, v in options.items() if getattr(cfg, k) != v]
+        if differ:
+            raise ConfigError(f"{pdir}: --resume keeps the saved settings; these differ: {', '.join(differ)}")
+        cfg.epochs, cfg.max_minutes = (cfg.epochs if epochs is None else epochs), max_minutes
+    else:
+        cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes, **options)
+    cfg.validate()
+    if resume and saved.get("vqvae") != _fingerprint(run_dir):
+        warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
+                      stacklevel=2)
+
+    codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress)
+    train_codes, val_codes = codes["train.codes"], codes["validate.codes"]
+    if len(train_codes) == 0 or len(val_codes) == 0:
+        raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
+    grid = tuple(train_codes.shape[1:])
+    val_pick = np.random.default_rng(cfg.seed).permutation(len(val_codes))[:val_grids]
+    val_codes = val_codes[torch.from_numpy(np.sort(val_pick))]
+    train_cond = val_cond = None
+    class_counts: list[int] = []
+    if cfg.num_classes:
+        train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
+        val_cond = position_classes(codes["validate.position"].numpy()[np.sort(val_pick)], cfg.num_classes)
+        class_counts = torch.bincount(train_cond, minlength=cfg.num_classes).tolist()
+
+    torch.manual_seed(cfg.seed)
+    model = build_prior(cfg, vq.cfg.num_codes, grid).to(dev)
+    if cfg.init_from_codebook and not resume:
+        model.init_from_codebook(vq.quantizer.codebook)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    amp, _ = autocast_for(dev, True)
+
+    epoch = step = step_in_epoch = 0
+    elapsed, best = 0.0, math.inf
+    rows: list[dict] = []
+    if resume:
+        model.load_state_dict({k[6:]: v for k, v in saved_t.items() if k.startswith("model.")})
+        optimizer_from_tensors(opt, saved_t, saved["optimizer"])
+        set_rng_state(saved_t)
+        epoch, step, step_in_epoch = saved["epoch"], saved["step"], saved["step_in_epoch"]
+        elapsed, best = saved["elapsed_s"], saved["best_val_bits"]
+        if (pdir / "metrics.csv").is_file():
+            with open(pdir / "metrics.csv", newline="") as f:
+                rows = list(csv.DictReader(f))[: saved["metrics_rows"]]
+
+    n_batches = math.ceil(len(train_codes) / cfg.batch_size)
+    meta_base = {"kind": "prior", "prior_config": dataclasses.asdict(cfg), "num_codes": vq.cfg.num_codes,
+                 "grid": list(grid), "vqvae": _fingerprint(run_dir), "class_counts": class_counts,
+                 "image_size": run_cfg.data.size}
+
+    def save(name: str, full: bool) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        meta = dict(meta_base, epoch=epoch, step=step, step_in_epoch=step_in_epoch, elapsed_s=elapsed,
+                    best_val_bits=best, metrics_rows=len(rows))
+        if full:
+            opt_t, meta["optimizer"] = optimizer_to_tensors(opt)
+            tensors.update(opt_t)
+            tensors.update(rng_state())
+        save_checkpoint(pdir / f"{name}.safetensors", tensors, meta)
+
+    call_start = seg_start = last_save = time.perf_counter()
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    acc, acc_n, lr, out_of_time = 0.0, 0, cfg.lr, False
+    model.train()
+    bar = tqdm(total=max(cfg.epochs * n_batches - step, 0), desc=f"prior-{kind}", disable=not progress)
+    while epoch < cfg.epochs and not out_of_time:
+        order = torch.from_numpy(epoch_order(len(train_codes), cfg.seed, epoch))
+        while step_in_epoch < n_batches:
+            if time.perf_counter() - call_start > budget_s:
+                out_of_time = True
+                break
+            idx = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
+            x = train_codes[idx].long().to(dev)
+            c = None if train_cond is None else train_cond[idx].to(dev)
+            lr = cfg.lr * min(1.0, (step + 1) / WARMUP_STEPS)  # then constant: extending a run is seamless
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with amp:
+                loss = F.cross_entropy(model(x, c).float(), x)
+            if not torch.isfinite(loss):
+                from .errors import TrainingError
+
+                raise TrainingError(f"{pdir}: the prior's loss became {loss.item()} at step {step}; "
+                                    f"lower the learning rate (lr={cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            acc, acc_n = acc + loss.item(), acc_n + 1
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            bar.update(1)
+            bar.set_postfix(bits=f"{loss.item() / math.log(2):.3f}", epoch=epoch)
+            if time.perf_counter() - last_save > SAVE_EVERY_S and step_in_epoch < n_batches:
+                elapsed, seg_start = elapsed + time.perf_counter() - seg_start, time.perf_counter()
+                save("last", full=True)  # long epochs: a crash loses at most SAVE_EVERY_S of work
+                last_save = time.perf_counter()
+        if step_in_epoch >= n_batches:
+            epoch, step_in_epoch = epoch + 1, 0
+        if acc_n == 0:
+            break  # nothing trained in this call (budget already spent)
+        val = bits_per_code(model, val_codes, val_cond, dev, cfg.batch_size)
+        elapsed += time.perf_counter() - seg_start
+        seg_start = time.perf_counter()
+        rows.append({"epoch": round(epoch + step_in_epoch / n_batches, 4), "step": step,
+                     "time_s": round(elapsed, 2), "lr": lr, "train_bits": acc / acc_n / math.log(2),
+                     "val_bits": val})
+        acc, acc_n = 0.0, 0
+        if val < best:
+            best = val
+            save("best", full=False)
+        save("last", full=True)
+        last_save = time.perf_counter()
+        _write_metrics(pdir / "metrics.csv", rows)
+        _curve(rows, pdir / "curve.png", f"prior-{kind}: bits per code")
+    bar.close()
+    result = dict(rows[-1]) if rows else {}
+    result.update({"best_val_bits": best, "prior_dir": str(pdir), "train_seconds": elapsed,
+                   "stopped_by_time": out_of_time})
+    return result
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def load_prior(run_dir: Path | str, kind: str = "transformer", which: str = "best",
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained prior of a run (eval mode) and its checkpoint metadata."""
+    path = prior_dir(run_dir, kind) / f"{which}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no trained {kind} prior; run `oasisvq train-prior {run_dir} --kind {kind}`")
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != "prior":
+        raise CheckpointError(f"{path}: not a prior checkpoint")
+    cfg = PriorConfig(**meta["prior_config"])
+    model = build_prior(cfg, meta["num_codes"], tuple(meta["grid"]))
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: checkpoint does not fit its prior config ({str(e)[:200]})") from None
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    return model.to(dev).eval(), meta
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(run_dir: Path | str, prior: str = "transformer", n: int = 16, out: Path | str | None = None,
+           temperature: float = 1.0, top_k: int = 0, seed: int = 0, cond: int | None = None, *,
+           batch_size: int = 16, device: str = "auto", which: str = "best", prefix: str = "sample",
+           progress: bool = True) -> dict[str, Any]:
+    """Generate ``n`` slices: ``out/<prefix>_000.png``..., ``out/samples_grid.png`` and ``out/samples.json``.
+
+    Same seed, settings, batch size and device give byte-identical PNGs. ``cond`` picks the slice-position
+    class of a conditional prior; when None, classes are drawn from their training frequencies.
+    """
+    from .training import pick_device
+
+    if n <= 0:
+        raise ConfigError(f"n must be positive, got {n}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be positive, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0, got {top_k}")
+    if not _NAME_OK.match(prefix):
+        raise ConfigError(f"output name prefix {prefix!r} must be letters, digits, '_', '-' or '.' "
+                          "(no folders: files stay inside the output folder)")
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / f"samples-{prior}"
+    names = [f"{prefix}_{i:03d}.png" for i in range(n)]
+    root = out.resolve()
+    for name in names + ["samples_grid.png", "samples.json"]:
+        if (out / name).resolve().parent != root:
+            raise ConfigError(f"{out / name}: output name escapes the output folder {out}")
+    dev = pick_device(device)
+    model, meta = load_prior(run_dir, prior, which, dev)
+    vq, _ = _open_run(run_dir, dev)
+    if meta.get("vqvae") != _fingerprint(run_dir):
+        warnings.warn(f"{run_dir}: the VQ-VAE changed after the {prior} prior was trained", stacklevel=2)
+    k_cls = meta["prior_config"]["num_classes"]
+    if cond is not None and not k_cls:
+        raise ConfigError(f"the {prior} prior of {run_dir} is unconditional; drop cond (or train with num_classes)")
+    if cond is not None and not 0 <= cond < k_cls:
+        raise ConfigError(f"cond must be in [0, {k_cls}), got {cond}")
+
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    conds = None
+    if k_cls:
+        if cond is None:
+            p = torch.tensor(meta["class_counts"], dtype=torch.float, device=dev) + 1e-3
+            conds = torch.multinomial(p, n, replacement=True, generator=gen)
+        else:
+            conds = torch.full((n,), cond, dtype=torch.long, device=dev)
+    grid = tuple(meta["grid"])
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    t0 = time.perf_counter()
+    with torch.no_grad(), tqdm(total=n, desc=f"sample {prior}", disable=not progress) as bar:
+        for b in range(0, n, batch_size):
+            m = min(batch_size, n - b)
+            c = None if conds is None else conds[b:b + m]
+            idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c)
+            img = vq.decode_indices(idx)[:, 0].float().mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+            images.append(img)
+            bar.update(m)
+    seconds = time.perf_counter() - t0
+    images = np.concatenate(images)
+    for name, img in zip(names, images):
+        atomic_write_bytes(out / name, _png_bytes(img))
+    from .figures import slice_grid
+
+    titles = None if conds is None else [f"class {int(v)}" for v in conds[:64].cpu()]
+    slice_grid(images[:64], out / "samples_grid.png", titles=titles,
+               title=f"{prior} prior, T={temperature}, top_k={top_k}, seed={seed}")
+    info = {"run": str(run_dir), "prior": prior, "which": which, "n": n, "temperature": temperature,
+            "top_k": top_k, "seed": seed, "cond": cond, "batch_size": batch_size, "device": str(dev),
+            "files": names, "classes": None if conds is None else conds.cpu().tolist(),
+            "seconds": seconds, "samples_per_second": n / seconds}
+    atomic_write_text(out / "samples.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+class _LazySlices:
+    """Array-like view of a SliceSet that reads slices only when indexed (train sets can be large)."""
+
+    def __init__(self, slices):
+        self.slices = slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slices.uint8(np.arange(len(self))[i])
+        return self.slices.uint8([int(i)])[0]
+
+
+def read_sample_pngs(samples_dir: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The sample PNGs of a folder written by :func:`sample` (uint8 N x H x W) and its samples.json."""
+    from .data import read_png
+
+    samples_dir = Path(samples_dir)
+    info_path = samples_dir / "samples.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    names = info.get("files") or sorted(p.name for p in samples_dir.glob("sample_*.png"))
+    if not names:
+        raise DataError(f"{samples_dir}: no sample PNGs (sample_*.png) found")
+    paths = [samples_dir / n for n in names]
+    for p in paths:
+        if p.resolve().parent != samples_dir.resolve():
+            raise DataError(f"{info_path}: file name {p.name!r} escapes the samples folder")
+    return np.stack([read_png(p) for p in paths]), info
+
+
+def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str = "test",
+                        max_real: int = 1000, copy_threshold: float = 0.95, device: str = "auto",
+                        cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True
+                        ) -> dict[str, Any]:
+    """Generation metrics of the samples in ``samples_dir`` against the run's ``split`` slices (at most
+    ``max_real``, a seeded subset) and its training slices; written to ``samples_dir/samples_metrics.json``."""
+    from .training import pick_device
+
+    samples, info = read_sample_pngs(samples_dir)
+    dev = pick_device(device)
+    vq, run_cfg = _open_run(run_dir, dev)
+    slices = _run_slices(run_cfg, cache_dir, progress)
+    held = slices.split(split)
+    if samples.shape[1:] != tuple(held.shape):
+        raise DataError(f"{samples_dir}: samples are {samples.shape[1:]} but the run's slices {tuple(held.shape)}")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(held))[:max_real])
+    report = evaluate_samples(samples, held.uint8(pick), _LazySlices(slices.split("train")), vq,
+                              copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),
+                              seed=seed)
+    report["heldout_split"] = split
+    report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "device")}
+    atomic_write_text(Path(samples_dir) / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,207 @@
+"""train_prior / sample / evaluate_sample_dir on a tiny hand-made run (no real data, seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from oasisvq import sampling
+from oasisvq.checkpoint import load_checkpoint, save_checkpoint
+from oasisvq.config import DataConfig, ModelConfig, RunConfig
+from oasisvq.data import SliceSet
+from oasisvq.errors import CheckpointError, ConfigError, DataError
+from oasisvq.models import VQVAE
+
+SIZE = 32
+
+
+def _slices(n_per_split=(12, 6, 6), seed=0) -> SliceSet:
+    """Ellipse phantoms with a relative position that sets their size, in train/validate/test splits."""
+    g = np.random.default_rng(seed)
+    n = sum(n_per_split)
+    yy, xx = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]
+    pos = g.uniform(0, 1, n).astype(np.float32)
+    imgs = np.zeros((n, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        a = 0.4 + 0.5 * pos[i]
+        r = (xx / a) ** 2 + (yy / (a * 1.2)) ** 2
+        imgs[i] = np.clip(80 * (r < 1) + 80 * (r < 0.5) + 60 * (r < 0.2) + g.normal(0, 3, r.shape) * (r < 1), 0, 255)
+    splits = [s for s, k in zip(("train", "validate", "test"), n_per_split) for _ in range(k)]
+    index = {"subjects": [f"s{i // 3}" for i in range(n)], "sources": ["synthetic"] * n, "slices": list(range(n)),
+             "splits": splits, "positions": pos.tolist()}
+    return SliceSet(imgs, index)
+
+
+@pytest.fixture()
+def run(tmp_path, monkeypatch):
+    """A run folder with a (random-weight) tiny VQ-VAE checkpoint in the format training.py writes."""
+    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=SIZE),
+                    model=ModelConfig(downsample=8, channels=(8, 8, 8), hidden=8, res_blocks=1, num_codes=16,
+                                      code_dim=4))
+    torch.manual_seed(0)
+    model = VQVAE(cfg.model)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg.save(run_dir / "config.json")
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for name in ("best", "last"):
+        save_checkpoint(run_dir / "checkpoints" / f"{name}.safetensors", tensors,
+                        {"kind": "vqvae", "config": cfg.to_dict()})
+    data = _slices()
+    monkeypatch.setattr(sampling, "_run_slices", lambda run_cfg, cache_dir, progress: data)
+    return run_dir
+
+
+TINY = {"layers": 2, "width": 16, "heads": 2, "batch_size": 4, "kernel": 3}
+
+
+def _weights(path):
+    return {k: v for k, v in load_checkpoint(path)[0].items() if k.startswith("model.")}
+
+
+def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_path):
+    res = sampling.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
+    pdir = run / "prior-transformer"
+    for name in ("last.safetensors", "best.safetensors", "metrics.csv", "curve.png", "codes.safetensors"):
+        assert (pdir / name).is_file(), name
+    with open(pdir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["epoch"]) for r in rows] == [1.0, 2.0]
+    assert 0 < res["val_bits"] < 6 and res["step"] == 2 * 3  # 12 train grids / batch 4 = 3 steps per epoch
+    straight = _weights(pdir / "last.safetensors")
+
+    # the same two epochs as one epoch + resume give identical weights (order, dropout RNG, optimizer)
+    (pdir / "last.safetensors").unlink()
+    sampling.train_prior(run, "transformer", epochs=1, progress=False, overwrite=True, dropout=0.2, **TINY)
+    sampling.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
+    resumed = _weights(pdir / "last.safetensors")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
+    with open(pdir / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+    with pytest.raises(ConfigError):  # refuses to overwrite silently
+        sampling.train_prior(run, "transformer", epochs=1, progress=False, **TINY)
+    with pytest.raises(ConfigError):  # resume keeps the saved architecture
+        sampling.train_prior(run, "transformer", epochs=3, resume=True, progress=False, width=32)
+
+
+def test_train_prior_stops_on_time_budget(run):
+    res = sampling.train_prior(run, "pixelcnn", epochs=1000, max_minutes=1e-9, progress=False, **TINY)
+    # the budget is spent before the first step: nothing trained, nothing checkpointed
+    assert res.get("stopped_by_time") and not (run / "prior-pixelcnn" / "last.safetensors").exists()
+
+
+def test_sample_reproducible_pngs_and_guards(run, tmp_path):
+    sampling.train_prior(run, "pixelcnn", epochs=1, progress=False, **TINY)
+    a = sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "a", seed=3, batch_size=2, progress=False)
+    sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "b", seed=3, batch_size=2, progress=False)
+    sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "c", seed=4, batch_size=2, progress=False)
+    names = [f"sample_{i:03d}.png" for i in range(5)]
+    assert a["files"] == names and a["samples_per_second"] > 0
+    same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in names]
+    other = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in names]
+    assert all(same) and not all(other)
+    assert (tmp_path / "a" / "samples_grid.png").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "a" / names[0]) as im:
+        assert im.mode == "L" and im.size == (SIZE, SIZE)
+
+    with pytest.raises(ConfigError):
+        sampling.sample(run, "pixelcnn", n=0, out=tmp_path / "d", progress=False)
+    with pytest.raises(ConfigError):
+        sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "d", prefix="../escape", progress=False)
+    with pytest.raises(ConfigError):
+        sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "d", cond=1, progress=False)  # unconditional
+    with pytest.raises(ConfigError):
+        sampling.sample(run, "gan", n=1, out=tmp_path / "d", progress=False)
+    with pytest.raises(CheckpointError):
+        sampling.sample(run, "transformer", n=1, out=tmp_path / "d", progress=False)  # not trained
+    assert not (tmp_path.parent / "escape_000.png").exists()
+
+
+def test_conditional_prior_and_sample_metrics(run, tmp_path):
+    sampling.train_prior(run, "transformer", epochs=1, progress=False, num_classes=3, **TINY)
+    info = sampling.sample(run, "transformer", n=4, out=tmp_path / "s", cond=2, seed=0, progress=False)
+    assert info["classes"] == [2, 2, 2, 2]
+    with pytest.raises(ConfigError):
+        sampling.sample(run, "transformer", n=1, out=tmp_path / "s", cond=3, progress=False)
+    mixed = sampling.sample(run, "transformer", n=6, out=tmp_path / "m", seed=0, progress=False)
+    assert all(0 <= c < 3 for c in mixed["classes"])
+
+    report = sampling.evaluate_sample_dir(run, tmp_path / "m", progress=False)
+    saved = json.loads((tmp_path / "m" / "samples_metrics.json").read_text())
+    assert saved["n_samples"] == 6 and saved["heldout_split"] == "test"
+    assert report["samples_per_second"] == pytest.approx(mixed["samples_per_second"])
+    for key in ("fidelity", "diversity", "memorisation", "anatomy"):
+        assert key in saved
+    assert np.isfinite(saved["fidelity"]["frechet_floor"])
+
+
+def test_position_classes():
+    got = sampling.position_classes(np.array([0.0, 0.32, 0.34, 0.99, 1.0]), 3)
+    assert got.tolist() == [0, 0, 1, 2, 2]
+    with pytest.raises(DataError):
+        sampling.position_classes(np.array([0.5, np.nan]), 3)
+
+
+def test_benchmark_script_prints_a_table(run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--run", str(run), "--minutes", "0.01", "--n", "4", "--layers", "1", "--width", "16",
+                     "--out", str(tmp_path / "bench"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "transformer" in out and "pixelcnn" in out and "Frechet distance" in out and "samples/s" in out
+    assert (tmp_path / "bench" / "pixelcnn" / "samples_metrics.json").is_file()
+
+
+def test_resume_after_a_crash_mid_epoch(run, monkeypatch):
+    sampling.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
+    pdir = run / "prior-transformer"
+    straight = _weights(pdir / "last.safetensors")
+
+    monkeypatch.setattr(sampling, "SAVE_EVERY_S", 0.0)  # checkpoint after every step
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def crash_on_fifth(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # step 5 = second step of epoch 2 (3 steps per epoch)
+            raise KeyboardInterrupt
+        return real_clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        sampling.train_prior(run, "transformer", epochs=2, progress=False, overwrite=True, dropout=0.2, **TINY)
+    meta = load_checkpoint(pdir / "last.safetensors")[1]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 1, 4)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    sampling.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
+    resumed = _weights(pdir / "last.safetensors")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
+
+
+def test_cli_commands(run, tmp_path, capsys):
+    from oasisvq.cli import main
+
+    assert main(["sample", str(run), "-n", "2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "no trained transformer prior" in capsys.readouterr().err
+    assert main(["train-prior", str(run), "--kind", "pixelcnn", "--epochs", "1", "--layers", "1", "--width", "8",
+                 "--kernel", "3", "--batch-size", "6", "--no-progress"]) == 0
+    assert main(["train-prior", str(run), "--kind", "pixelcnn", "--epochs", "2", "--resume", "--no-progress"]) == 0
+    assert main(["sample", str(run), "--prior", "pixelcnn", "-n", "3", "--out", str(tmp_path / "s"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("sample_*.png")) == [f"sample_00{i}.png" for i in range(3)]
+    assert main(["evaluate-samples", str(run), str(tmp_path / "s"), "--device", "cpu", "--no-progress"]) == 0
+    assert "Frechet" in capsys.readouterr().out
