@@ -8,8 +8,10 @@ leaves the previous file intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,15 @@ FORMAT = "oasisvq-checkpoint"
 FORMAT_VERSION = 1
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` then move ``tmp`` onto ``path``; on any failure ``path`` is untouched."""
     path = Path(path)
@@ -34,13 +45,31 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # full disk, no permission...: name the file the caller asked for, not the temp file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e} (nothing written; any previous file is intact)",
+                      str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write` left in ``folder`` when its process was killed
+    (SIGKILL, power loss) between creating and renaming them. They never shadow real files (their names
+    start with a dot and end in ``.tmp``); this only reclaims the space. Call it only where no other
+    process is writing into ``folder``."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,7 +97,15 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     """Write tensors + JSON-able metadata atomically as safetensors."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
-    atomic_write(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=header))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(clean, str(tmp), metadata=header)
+        except SafetensorError as e:  # safetensors reports I/O errors (e.g. a full disk) as its own type
+            m = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(m.group(1)) if m else errno.EIO, str(e)) from e
+
+    atomic_write(Path(path), write)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

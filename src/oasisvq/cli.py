@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def _positive_float(text: str) -> float:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``oasisvq: error: argument -n: ...`` (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"oasisvq: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -49,7 +57,8 @@ def cmd_data_inspect(a) -> int:
 
     cfg = DataConfig(size=a.size, axis=a.axis, image_pattern=a.pattern)
     grid = a.grid or Path(f"{Path(a.path).resolve().name or 'data'}_inspect.png")
-    report = inspect(a.path, cfg, grid_png=grid, cache_dir=a.cache_dir, skip_bad=a.skip_bad)
+    report = inspect(a.path, cfg, grid_png=grid, cache_dir=a.cache_dir, skip_bad=a.skip_bad,
+                     progress=not a.no_progress)
     _print_json(report)
     return 0
 
@@ -111,7 +120,7 @@ def cmd_train(a) -> int:
     else:
         cfg = build_train_config(a)
     result = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, cache_dir=a.cache_dir,
-                   progress=not a.no_progress)
+                   progress=not a.no_progress, skip_bad=a.skip_bad)
     _print_json({"run": str(a.out), "validation": result})
     return 0
 
@@ -185,14 +194,57 @@ def cmd_evaluate_samples(a) -> int:
     return 0
 
 
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    r = run_demo(a.out, minutes=a.minutes, data=a.data, device=a.device, samples=a.samples, overwrite=a.overwrite,
+                 seed=a.seed, progress=not a.no_progress)
+    print(f"\nreport: {r['report_html']}")
+    print(f"held-out SSIM {r['ssim']:.3f} ({'above' if r['ssim_above_0.6'] else 'NOT above'} 0.6; in-head "
+          f"{r['ssim_head']:.3f}; non-learned floor {r['floor_ssim']:.3f}) in {r['minutes']:.1f} min")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    html_path, md_path = write_report(a.run, a.out, samples_dir=a.samples)
+    print(html_path)
+    print(md_path)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oasisvq", description=(
+    p = _Parser(prog="oasisvq", description=(
         "Learn brain MRI with a VQ-VAE, generate new slices from a prior over its codes, and measure both."))
     p.add_argument("--version", action="version", version=f"oasisvq {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # demo and report
+    dm = sub.add_parser("demo", help="run the whole pipeline on embedded real MRI and write a report",
+                        description="Prepare data (the MNI152 template shipped with nilearn, augmented; or --data), "
+                                    "train a small VQ-VAE, evaluate it, train a transformer prior, sample new "
+                                    "slices, measure them and write an HTML + Markdown report.")
+    dm.add_argument("--out", type=Path, default=Path("oasisvq-demo"), help="output folder (default: oasisvq-demo)")
+    dm.add_argument("--minutes", type=_positive_float, default=10.0, help="compute budget in minutes (default 10)")
+    dm.add_argument("--data", action="append", help="use your own data instead (repeatable)")
+    dm.add_argument("--samples", type=int, default=32, help="how many slices to generate (16..256, default 32)")
+    dm.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--overwrite", action="store_true", help="replace a non-demo folder at --out")
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML (+ Markdown) report of a run",
+                        description="Data provenance, config, training curves, reconstruction metrics beside "
+                                    "the floors, codebook use, prior likelihood, samples and generation metrics.")
+    rp.add_argument("run", type=Path, help="run folder")
+    rp.add_argument("--out", type=Path, help="report folder (default: RUN/report)")
+    rp.add_argument("--samples", type=Path, help="folder written by `oasisvq sample` (default: looked up)")
+    rp.set_defaults(func=cmd_report)
 
     # data
     data = sub.add_parser("data", help="inspect, download and prepare MRI data",
@@ -209,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pattern", default="", help="volumes: only files matching this glob (e.g. '*masked_gfc*')")
     d.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of stopping")
     d.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_data_inspect)
 
     d = dsub.add_parser("download", help="download the OASIS-1 cross-sectional release",
@@ -256,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--cache-dir", type=Path, help="slice cache folder")
+    t.add_argument("--skip-bad", action="store_true", help="skip unreadable data files (listed) instead of stopping")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -346,14 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         (parser if a.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
         return 2
+    old_format = warnings.formatwarning  # warnings (e.g. files skipped by --skip-bad) as one line each
+    warnings.formatwarning = lambda message, category, *args, **kw: f"oasisvq: warning: {message}\n"
     try:
         return a.func(a) or 0
     except OasisVQError as e:
         print(f"oasisvq: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except OSError as e:  # a folder that is a file, no permission, a full disk: name the path, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"oasisvq: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("oasisvq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = old_format
 
 
 if __name__ == "__main__":

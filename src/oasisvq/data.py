@@ -95,7 +95,9 @@ def read_png(path: Path) -> np.ndarray:
             return np.asarray(im.convert("L"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # a header claiming a gigantic image
+        raise DataError(f"{path}: refusing to decode an implausibly large image ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
@@ -122,6 +124,8 @@ def load_volume(path: Path) -> np.ndarray:
         raise DataError(f"{path}: no such file") from None
     except Exception as e:  # nibabel raises many types for bad files; all mean the same to a user
         raise DataError(f"{path}: nibabel cannot read this volume ({type(e).__name__}: {e})") from None
+    if data.size == 0:
+        raise DataError(f"{path}: empty volume (shape {data.shape})")
     if not np.isfinite(data).all():
         data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     return data
@@ -501,7 +505,7 @@ def _read_source(f: SourceFile, cfg: DataConfig):
 
 
 def inspect(path: Path | str, cfg: DataConfig | None = None, grid_png: Path | str | None = None,
-            cache_dir: Path | str | None = None, skip_bad: bool = False) -> dict:
+            cache_dir: Path | str | None = None, skip_bad: bool = False, progress: bool = True) -> dict:
     """What a data folder holds: layout, subjects and slices per split, shape, intensity range, problems.
 
     Writes a grid of sample slices to ``grid_png`` when given."""
@@ -510,7 +514,7 @@ def inspect(path: Path | str, cfg: DataConfig | None = None, grid_png: Path | st
     disc = discover(path, cfg.image_pattern)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ss = load_slices(cfg, cache_dir=cache_dir, skip_bad=skip_bad)
+        ss = load_slices(cfg, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
     problems = [str(w.message) for w in caught] + list(ss.index.get("skipped", []))
     overlap = _subjects_in_several_splits(ss)
     if overlap:

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -105,6 +107,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
+    for folder in (out, out / "checkpoints", out / "figures"):  # left by a run killed mid-write
+        remove_stale_temps(folder)
 
 
 def load_model(run_dir: Path | str, which: str = "best", device: str | torch.device = "cpu"
@@ -222,9 +226,11 @@ class _StopFlag:
 
 
 def train(cfg: RunConfig, out: Path | str, resume: bool = False, overwrite: bool = False,
-          cache_dir: Path | str | None = None, progress: bool = True, _fault_at_step: int | None = None) -> dict:
+          cache_dir: Path | str | None = None, progress: bool = True, skip_bad: bool = False,
+          _fault_at_step: int | None = None) -> dict:
     """Train a VQ-VAE as ``cfg`` says, into the run folder ``out``. Returns the final validation metrics.
 
+    ``skip_bad`` skips unreadable data files (each is named in a warning) instead of stopping.
     ``_fault_at_step`` injects a NaN loss at that step (tests of the NaN guard only)."""
     out = Path(out)
     with distributed_context() as (rank, world, local_rank):
@@ -243,7 +249,8 @@ def train(cfg: RunConfig, out: Path | str, resume: bool = False, overwrite: bool
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        return _Trainer(cfg, out, device, rank, world, cache_dir, progress, _fault_at_step).run(resume)
+        return _Trainer(cfg, out, device, rank, world, cache_dir, progress, _fault_at_step,
+                        skip_bad).run(resume)
 
 
 def _check_resume_config(new: RunConfig | None, old: RunConfig, out: Path) -> None:
@@ -264,12 +271,15 @@ def _merge_budget(old: RunConfig, new: RunConfig) -> RunConfig:
 
 class _Trainer:
     def __init__(self, cfg: RunConfig, out: Path, device: torch.device, rank: int, world: int,
-                 cache_dir, progress: bool, fault_at_step: int | None):
+                 cache_dir, progress: bool, fault_at_step: int | None, skip_bad: bool = False):
         self.cfg, self.out, self.device, self.rank, self.world = cfg, out, device, rank, world
         self.progress = progress and rank == 0
         self.fault_at_step = fault_at_step
         torch.manual_seed(cfg.train.seed)
-        data = load_slices(cfg.data, cache_dir=cache_dir, progress=self.progress)
+        data = load_slices(cfg.data, cache_dir=cache_dir, skip_bad=skip_bad, progress=self.progress)
+        if rank == 0:
+            for problem in data.index.get("skipped", []):
+                warnings.warn(f"skipped unreadable file: {problem}", stacklevel=2)
         self.train_set = data.split("train")
         self.val_set = data.split("validate")
         if len(self.train_set) < cfg.train.batch_size * world:
@@ -311,7 +321,7 @@ class _Trainer:
         meta = {"kind": "vqvae", "oasisvq_version": __version__, "config": self.cfg.to_dict(),
                 "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "elapsed_s": self.elapsed, "best_val_ssim": self.best, "optimizer": opt_meta,
-                "metrics_rows": len(self.rows)}
+                "metrics_rows": len(self.rows), "global_batch": self.global_batch, "world_size": self.world}
         if self.scaler is not None:
             meta["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.out / "checkpoints" / f"{name}.safetensors", tensors, meta)
@@ -326,11 +336,25 @@ class _Trainer:
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+        self._adopt_position(int(meta.get("global_batch", self.global_batch)))
         self.elapsed, self.best = meta["elapsed_s"], meta["best_val_ssim"]
         # Rows written after the checkpoint (by a run killed later) belong to steps about to be redone.
         if (self.out / "metrics.csv").is_file():
             with open(self.out / "metrics.csv", newline="") as f:
                 self.rows = list(csv.DictReader(f))[: meta["metrics_rows"]]
+
+    def _adopt_position(self, saved_global_batch: int) -> None:
+        """Make a checkpoint's data position this run's. A checkpoint written at the end of an epoch
+        (before the loop moved on) continues with the next epoch; one written by another number of
+        processes (another global batch) continues after the same number of slices of its epoch, with the
+        step count (which drives the learning-rate schedule and the epoch budget) in this run's steps."""
+        if self.step_in_epoch >= len(self.train_set) // saved_global_batch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if saved_global_batch != self.global_batch:
+            self.step_in_epoch = self.step_in_epoch * saved_global_batch // self.global_batch
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _write_metrics(self) -> None:
         if self.rank != 0:
@@ -391,7 +415,7 @@ class _Trainer:
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"loss became {float(loss)} at step {self.step} (epoch {self.epoch}); the last good "
+                        f"loss became {loss.item()} at step {self.step} (epoch {self.epoch}); the last good "
                         f"checkpoint is kept in {self.out / 'checkpoints'}. Likely causes: learning rate too "
                         f"high (train.lr = {self.cfg.train.lr}) or input outside [0, 1]; lower train.lr and "
                         f"run again with --resume")
@@ -445,6 +469,16 @@ class _Trainer:
         return self.cfg.train.max_minutes > 0 and self.elapsed >= 60 * self.cfg.train.max_minutes
 
     def _checkpoint(self, acc: dict[str, float], n_acc: int, lr: float, validate: bool = True) -> dict | None:
+        # Never overwrite a good checkpoint (or log a row) from a model that went non-finite. Every rank
+        # holds the same weights, so every rank stops here together.
+        bad = [k for k, v in self.model.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingError(
+                f"non-finite values in {', '.join(bad[:3])} after step {self.step} (epoch {self.epoch}); "
+                f"nothing was written and the last good checkpoint is kept in {self.out / 'checkpoints'}. "
+                f"Likely cause: learning rate too high (train.lr = {self.cfg.train.lr}); lower it and run "
+                f"again with --resume")
         train_stats = self._reduce({k: v / max(n_acc, 1) for k, v in acc.items()})
         row = {"step": self.step, "epoch": self.epoch, "time_s": round(self.elapsed, 2), "lr": lr,
                "train_loss": train_stats.get("loss"), "train_recon": train_stats.get("recon"),

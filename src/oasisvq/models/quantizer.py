@@ -1,8 +1,8 @@
 """Vector quantiser with EMA codebook updates, dead-code restart and straight-through gradients.
 
 The distance, assignment and EMA arithmetic run in fp32 even under autocast: bf16 distances pick wrong
-codes. Under DistributedDataParallel the EMA statistics are all-reduced and restarts are broadcast from
-rank 0, so every rank holds the same codebook after every step.
+codes. Under DistributedDataParallel the EMA statistics are all-reduced and restarts draw from every
+rank's encodings as one process would, so every rank holds the same codebook after every step.
 """
 
 from __future__ import annotations
@@ -15,6 +15,26 @@ from torch import nn
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def _random_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` random rows of the encodings, the same on every rank. Under DDP they are drawn from the rows of
+    all ranks together (rank order), exactly as one process holding the whole global batch would draw them."""
+    if not _distributed():
+        return flat[torch.randint(0, flat.shape[0], (n,), device=flat.device)].clone()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    size = torch.tensor([flat.shape[0]], device=flat.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    start = int(sum(int(s) for s in sizes[:rank]))
+    pick = torch.randint(0, int(sum(int(s) for s in sizes)), (n,), device=flat.device)
+    dist.broadcast(pick, 0)
+    mine = (pick >= start) & (pick < start + flat.shape[0])
+    out = torch.zeros(n, flat.shape[1], device=flat.device, dtype=flat.dtype)
+    out[mine] = flat[pick[mine] - start]
+    dist.all_reduce(out)  # each row comes from exactly one rank
+    return out
 
 
 class VectorQuantizer(nn.Module):
@@ -79,10 +99,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_from(self, flat: torch.Tensor) -> None:
-        pick = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
-        init = flat[pick].clone()
-        if _distributed():
-            dist.broadcast(init, 0)
+        init = _random_rows(flat, self.num_codes)
         self.codebook.copy_(init)
         self.ema_sum.copy_(init)
         self.ema_count.fill_(1.0)
@@ -104,10 +121,7 @@ class VectorQuantizer(nn.Module):
         dead = self.steps_unused >= self.dead_code_steps
         n_dead = int(dead.sum())
         if n_dead:
-            pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
-            fresh = flat[pick].clone()
-            if _distributed():
-                dist.broadcast(fresh, 0)
+            fresh = _random_rows(flat, n_dead)
             self.codebook[dead] = fresh
             self.ema_sum[dead] = fresh
             self.ema_count[dead] = 1.0

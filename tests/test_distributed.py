@@ -1,0 +1,155 @@
+"""Two CPU processes (gloo) train like one process on the same global batch: identical weights and codebooks
+on both ranks after every step, the same losses as a single process, one set of checkpoints, and a
+2-process run resumes in 1 process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from oasisvq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+from .conftest import shared
+
+TINY = dict(downsample=4, channels=(8, 16), hidden=16, res_blocks=1, num_codes=32, code_dim=8, dead_code_steps=2)
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(t88: str, batch_size: int, epochs: int = 2) -> RunConfig:
+    return RunConfig(data=DataConfig(paths=[t88], size=32), model=ModelConfig(**TINY),
+                     train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=3e-3, warmup_steps=2, device="cpu",
+                                       val_slices=8, seed=5))
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: str, record: str) -> None:
+    """One rank: train with hooks that record (state before each step, loss of each step, final state)."""
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+    import oasisvq.training as tr
+
+    states, losses, final = [], [], {}
+    orig_init, orig_run = tr._Trainer.__init__, tr._Trainer.run
+
+    def init(self, *a, **kw):
+        orig_init(self, *a, **kw)
+
+        def pre(module, args):
+            if module.training:
+                states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+        def post(module, args, output):
+            if module.training:
+                losses.append(float(output[1]["loss"].detach()))
+
+        self.model.register_forward_pre_hook(pre)
+        self.model.register_forward_hook(post)
+
+    def run(self, resume):
+        result = orig_run(self, resume)
+        final.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return result
+
+    tr._Trainer.__init__, tr._Trainer.run = init, run
+    tr.train(RunConfig.from_dict(cfg_dict), out, cache_dir=cache, progress=False)
+    torch.save({"states": states, "losses": losses, "final": final}, f"{record}.rank{rank}.pt")
+
+
+def _spawn(world: int, cfg: RunConfig, out: Path, cache: Path, record: Path) -> list[dict]:
+    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), str(out), str(cache), str(record)), nprocs=world,
+             join=True)
+    return [torch.load(f"{record}.rank{r}.pt") for r in range(world)]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, session_cache):
+    t88 = str(shared("oasis1_t88_axial"))
+    # build the slice cache once, outside the workers
+    from oasisvq.data import load_slices
+
+    load_slices(_cfg(t88, 8).data, cache_dir=session_cache, progress=False)
+    two = _spawn(2, _cfg(t88, batch_size=8), tmp_path / "ddp", session_cache, tmp_path / "ddp")
+    one = _spawn(1, _cfg(t88, batch_size=16), tmp_path / "single", session_cache, tmp_path / "single")[0]
+
+    steps = 2 * (120 // 16)
+    r0, r1 = two
+    assert len(r0["states"]) == len(r1["states"]) == len(one["states"]) == steps
+    # identical weights and codebooks on both ranks before every step and at the end
+    for s0, s1 in zip(r0["states"] + [r0["final"]], r1["states"] + [r1["final"]]):
+        for k in s0:
+            assert torch.equal(s0[k], s1[k]), k
+    assert bool(r0["final"]["quantizer.initialized"])
+    # the global loss (mean of the ranks' losses) matches one process on the same global batch of 16
+    ddp_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    for step, (a, b) in enumerate(zip(ddp_loss, one["losses"])):
+        assert a == pytest.approx(b, rel=2e-3, abs=1e-5), (step, ddp_loss, one["losses"])
+    for k, v in one["final"].items():
+        if v.is_floating_point():
+            assert torch.allclose(r0["final"][k], v, atol=5e-3, rtol=1e-2), (k, (r0["final"][k] - v).abs().max())
+
+    # exactly one set of checkpoints and metrics, written by rank 0
+    ck = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
+    assert ck == ["best.safetensors", "last.safetensors"]
+    assert not [p for p in (tmp_path / "ddp").rglob("*") if "rank" in p.name or p.name.endswith(".tmp")]
+    with open(tmp_path / "ddp" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [7, 14]
+    # the logged train loss is the all-reduced mean over ranks
+    assert float(rows[0]["train_loss"]) == pytest.approx(sum(ddp_loss[:7]) / 7, rel=1e-5)
+
+
+def test_torchrun_cli_then_resume_in_one_process(tmp_path, session_cache):
+    t88 = str(shared("oasis1_t88_axial"))
+    config = tmp_path / "tiny.json"
+    cfg = _cfg(t88, batch_size=8, epochs=2)
+    cfg.save(config)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "oasisvq", "train", "--config", str(config), "--out", str(run), "--cache-dir", str(session_cache),
+           "--no-progress"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summaries, text = [], p.stdout
+    while "{" in text:  # every rank prints a summary; only rank 0 validates
+        obj, end = json.JSONDecoder().raw_decode(text[text.index("{"):])
+        summaries.append(obj)
+        text = text[text.index("{") + end:]
+    validated = [s["validation"] for s in summaries if s["validation"]]
+    assert len(validated) == 1 and 0 < validated[0]["ssim"] < 1, p.stdout
+    assert sorted(x.name for x in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
+    from oasisvq.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
+    assert meta["step"] == 14 and meta["world_size"] == 2 and meta["global_batch"] == 16
+
+    # continue the 2-process run for one more epoch in a single process (global batch 8 now)
+    from oasisvq.cli import main as cli_main
+
+    rc = cli_main(["train", "--out", str(run), "--resume", "--epochs", "3", "--cache-dir", str(session_cache),
+                   "--no-progress"])
+    assert rc == 0
+    meta = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
+    # the step count is converted to single-process steps of 8 slices: 3 epochs of 15 steps
+    assert meta["world_size"] == 1 and meta["epoch"] == 2 and meta["step"] == 3 * 15
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(r["val_ssim"] for r in rows)
