@@ -1,0 +1,78 @@
+"""`oasisvq demo` end to end on the embedded template, and `oasisvq report` on its run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oasisvq.cli import main
+
+pytest.importorskip("nilearn", reason="the demo's embedded MRI ships with nilearn (pip install oasisvq[demo])")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--out", str(out), "--minutes", "0.6", "--samples", "16", "--no-progress"]) == 0
+    return out
+
+
+def test_demo_writes_every_artefact(demo, capsys):
+    for split in ("train", "validate", "test"):
+        pngs = list((demo / "data" / split).glob("*.png"))
+        assert pngs, split
+    assert Image.open(pngs[0]).size == (256, 256)
+    run = demo / "run"
+    for name in ("config.json", "metrics.csv", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
+                 "figures/training_curves.png", "figures/validation_grid.png", "figures/codebook_usage.png",
+                 "eval-test/per_slice.csv", "eval-test/best_median_worst.png", "eval-test/ssim_histogram.png",
+                 "prior-transformer/best.safetensors", "prior-transformer/curve.png"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert 0 < m["model"]["ssim"]["mean"] <= 1 and 0 <= m["floors"]["all_black"]["ssim"]["mean"] < 1
+    assert m["code_grid"] == 32 and m["slices"] > 0
+    samples = sorted((demo / "samples").glob("sample_*.png"))
+    assert len(samples) == 16
+    for p in samples:
+        a = np.asarray(Image.open(p))
+        assert a.shape == (256, 256) and a.dtype == np.uint8
+    g = json.loads((demo / "samples" / "samples_metrics.json").read_text())
+    assert g["n_samples"] == 16
+    assert np.isfinite(g["fidelity"]["frechet"]) and np.isfinite(g["fidelity"]["frechet_floor"])
+    assert g["fidelity"]["frechet"] >= 0 and 0 <= g["memorisation"]["copies"] <= 16
+    info = json.loads((demo / "demo.json").read_text())
+    assert info["data"]["kind"] == "mni152-template" and info["total_s"] > 0
+
+
+def test_demo_report_is_self_contained(demo):
+    html = (demo / "report" / "report.html").read_text()
+    md = (demo / "report" / "report.md").read_text()
+    # no external resource: every src/href is an inline data URI
+    assert not re.search(r"""(src|href)=["'](?!data:)""", html)
+    assert "<link" not in html and "<script" not in html
+    figures = sorted((demo / "report" / "figures").glob("*.png"))
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == len(figures) >= 8
+    for f in figures:
+        assert f"figures/{f.name}" in md
+    assert "MNI ICBM152" in html and "not OASIS data" in html
+    assert "Data were provided by OASIS" not in html  # no OASIS data was used
+    for section in ("Reconstruction on held-out test slices", "Prior over the codes", "Generated slices",
+                    "Timings and machine"):
+        assert section in html and section in md
+
+
+def test_report_command_rewrites_report(demo, tmp_path):
+    assert main(["report", str(demo / "run"), "--out", str(tmp_path / "r"),
+                 "--samples", str(demo / "samples")]) == 0
+    assert (tmp_path / "r" / "report.html").stat().st_size > 10_000
+
+
+def test_demo_refuses_foreign_folder(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.1", "--no-progress"]) == 2
+    assert "not an oasisvq demo folder" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
