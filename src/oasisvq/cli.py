@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from dataclasses import replace
@@ -121,7 +122,8 @@ def cmd_train(a) -> int:
         cfg = build_train_config(a)
     result = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, cache_dir=a.cache_dir,
                    progress=not a.no_progress, skip_bad=a.skip_bad)
-    _print_json({"run": str(a.out), "validation": result})
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _print_json({"run": str(a.out), "validation": result})
     return 0
 
 

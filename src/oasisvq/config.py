@@ -61,7 +61,7 @@ class ModelConfig:
 
     @property
     def stages(self) -> int:
-        return int(round(math.log2(self.downsample)))
+        return round(math.log2(self.downsample))
 
     def validate(self, image_size: int | None = None) -> None:
         if self.downsample not in (2, 4, 8, 16):
@@ -184,9 +184,8 @@ def _build(kind: type, values: dict[str, Any], section: str):
             value = type(default)(value)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"{section}.{name} must be a string, got {value!r}")
-        elif isinstance(default, list):
-            if not isinstance(value, list):
-                raise ConfigError(f"{section}.{name} must be a list, got {value!r}")
+        elif isinstance(default, list) and not isinstance(value, list):
+            raise ConfigError(f"{section}.{name} must be a list, got {value!r}")
         setattr(out, name, value)
     return out
 

@@ -122,7 +122,7 @@ def load_volume(path: Path) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except Exception as e:  # nibabel raises many types for bad files; all mean the same to a user
+    except Exception as e:  # noqa: BLE001 -- nibabel raises many types for bad files; all mean the same to a user
         raise DataError(f"{path}: nibabel cannot read this volume ({type(e).__name__}: {e})") from None
     if data.size == 0:
         raise DataError(f"{path}: empty volume (shape {data.shape})")
@@ -285,8 +285,8 @@ def assign_splits(files: list[SourceFile], fractions: tuple[float, float, float]
     rng = np.random.default_rng(seed)
     order = [free[i] for i in rng.permutation(len(free))]
     n = len(order)
-    n_val = int(round(fractions[1] * n))
-    n_test = int(round(fractions[2] * n))
+    n_val = round(fractions[1] * n)
+    n_test = round(fractions[2] * n)
     if n >= 3:
         n_val = max(n_val, 1) if fractions[1] > 0 else 0
         n_test = max(n_test, 1) if fractions[2] > 0 else 0

@@ -12,9 +12,9 @@ unseen levels and deformations of one template, not to unseen subjects; the repo
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .checkpoint import atomic_write_text
 from .config import DataConfig, RunConfig, TrainConfig, model_preset
 from .data import fit_to_size, load_volume, scale_robust, volume_slices
 from .errors import ConfigError, DataError
@@ -43,7 +43,7 @@ def template_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the demo's embedded MRI ships with nilearn: install it with `pip install oasisvq[demo]` "
                           "(or pass --data PATH to run on your own data)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / TEMPLATE_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / TEMPLATE_FILE
     if not path.is_file():
         raise DataError(f"{path}: the MNI152 template is missing from the installed nilearn package")
     return path
@@ -102,8 +102,12 @@ def build_template_dataset(out: Path, size: int = 256, copies: int = 8, held_cop
             split_of.pop(int(z), None)
     gen = torch.Generator().manual_seed(seed)
     counts = {"train": 0, "validate": 0, "test": 0}
+    # Written plainly into a temporary folder that is renamed once complete: one atomic step for the set
+    # instead of an fsync per slice.
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     for split in counts:
-        (out / split).mkdir(parents=True, exist_ok=True)
+        (tmp / split).mkdir(parents=True)
     zs = sorted(split_of)
     base = torch.from_numpy(np.stack([fit_to_size(slices[z].astype(np.float32), size) for z in zs])).unsqueeze(1)
     for k in tqdm(range(copies), desc="augmenting template", disable=not progress, leave=False):
@@ -113,10 +117,10 @@ def build_template_dataset(out: Path, size: int = 256, copies: int = 8, held_cop
             if split != "train" and k >= held_copies:
                 continue
             img = np.rint(x[i, 0].numpy() * 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            atomic_write_bytes(out / split / f"mni152_z{z:03d}_aug{k:02d}.png", buf.getvalue())
+            Image.fromarray(img).save(tmp / split / f"mni152_z{z:03d}_aug{k:02d}.png")
             counts[split] += 1
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return {"levels": len(zs), "slices": counts, "copies": copies, "held_out_copies": held_copies,
             "validate_levels": [int(blocks[3][0]), int(blocks[3][-1])],
             "test_levels": [int(blocks[7][0]), int(blocks[7][-1])], "margin_levels": margin}

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, atomic_write_text
+from .checkpoint import atomic_write, atomic_write_bytes, atomic_write_text
 from .config import DataConfig
 from .data import fit_to_size, load_slices, load_volume, read_png, scale_robust, volume_slices
 from .errors import DataError
@@ -151,7 +151,7 @@ def reconstruct(run_dir: Path | str, inputs: list[str | Path], out: Path | str, 
             rec = _run(model, img[None].astype(np.float32) / 255, dev)[0]
             buf = io.BytesIO()
             Image.fromarray(np.rint(rec * 255).astype(np.uint8)).save(buf, format="PNG")
-            atomic_write(target, lambda tmp, b=buf.getvalue(): tmp.write_bytes(b))
+            atomic_write_bytes(target, buf.getvalue())
         else:
             _reconstruct_volume(model, cfg.data, p, target, dev)
         written.append(target)

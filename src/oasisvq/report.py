@@ -50,7 +50,7 @@ class _Doc:
         self.md.append(f"```\n{text}\n```\n")
 
     def table(self, header: list[str], rows: list[list]) -> None:
-        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(_fmt(c))}</{tag}>" for c in row)  # noqa: E731
+        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(_fmt(c))}</{tag}>" for c in row)
         self.html.append("<table><tr>" + cells(header, "th") + "</tr>" +
                          "".join("<tr>" + cells(r, "td") + "</tr>" for r in rows) + "</table>")
         self.md.append("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" +
