@@ -18,24 +18,23 @@ from . import __version__
 from .errors import ConfigError, OasisVQError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def _positive(kind: type, noun: str):
+    """An argparse type accepting only positive values of ``kind``."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+        return v
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+_positive_int = _positive(int, "an integer")
+_positive_float = _positive(float, "a number")
 
 
 class _Parser(argparse.ArgumentParser):
