@@ -201,7 +201,7 @@ def run_peer(name: str, budgets: list[float], batch_size: int, threads: int, cac
             opt.step()
             elapsed += time.perf_counter() - t0
             seen += batch_size
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise RuntimeError(f"{name}: loss became {float(loss)}")
         ssims[budget] = _held_out_ssim(recon_fn, model, test)
     out_q.put({"model": name, "params": params, "images_per_s": seen / elapsed, "ssim": ssims,
