@@ -218,6 +218,14 @@ def cmd_report(a) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
+def _add_run_options(p: argparse.ArgumentParser, cache: bool = False) -> None:
+    """The options every command that loads a run shares."""
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    if cache:
+        p.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="oasisvq", description=(
         "Learn brain MRI with a VQ-VAE, generate new slices from a prior over its codes, and measure both."))
@@ -322,9 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "validate", "test"])
     e.add_argument("--out", type=Path, help="output folder (default: RUN/eval-<split>)")
     e.add_argument("--checkpoint", default="best", help="best (default), last, or a .safetensors path")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--cache-dir", type=Path)
-    e.add_argument("--no-progress", action="store_true")
+    _add_run_options(e, cache=True)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("reconstruct", help="reconstruct PNG slices or volumes with a trained VQ-VAE",
@@ -334,8 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="PNG files, volumes or folders of them")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--checkpoint", default="best")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--no-progress", action="store_true")
+    _add_run_options(r)
     r.set_defaults(func=cmd_reconstruct)
 
     tp = sub.add_parser("train-prior", help="train a prior over a run's code grids", description=(
@@ -357,9 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--no-codebook-init", action="store_true", help="random code embeddings")
     tp.add_argument("--resume", action="store_true", help="continue RUN/prior-<kind> from last.safetensors")
     tp.add_argument("--overwrite", action="store_true", help="replace an existing prior of this kind")
-    tp.add_argument("--device", default="auto")
-    tp.add_argument("--cache-dir", type=Path)
-    tp.add_argument("--no-progress", action="store_true")
+    _add_run_options(tp, cache=True)
     tp.set_defaults(func=cmd_train_prior)
 
     sp = sub.add_parser("sample", help="generate slices from a trained prior", description=(
@@ -375,8 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cond", type=int, help="slice-position class (conditional priors)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
     sp.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--no-progress", action="store_true")
+    _add_run_options(sp)
     sp.set_defaults(func=cmd_sample)
 
     es = sub.add_parser("evaluate-samples", help="measure generated slices", description=(
@@ -388,9 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--max-real", type=_positive_int, default=1000)
     es.add_argument("--copy-threshold", type=float, default=0.95, help="SSIM above which a sample is a copy")
     es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--device", default="auto")
-    es.add_argument("--cache-dir", type=Path)
-    es.add_argument("--no-progress", action="store_true")
+    _add_run_options(es, cache=True)
     es.set_defaults(func=cmd_evaluate_samples)
     return p
 
