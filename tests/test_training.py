@@ -121,3 +121,34 @@ def test_cli_train_and_evaluate_write_a_complete_run(tmp_path, session_cache, ca
     assert 0.15 < m["floors"]["all_black"]["ssim"]["mean"] < 0.6  # 0.25 at 64x64 (0.49 at 256)
     assert m["floors"]["down4x_up"]["ssim"]["mean"] > m["floors"]["all_black"]["ssim"]["mean"]
     assert m["model"]["ssim_head"]["mean"] < m["model"]["ssim"]["mean"]  # the background inflates whole-slice SSIM
+
+
+def test_stop_signal_on_an_evaluation_step_still_validates(tmp_path, session_cache, monkeypatch):
+    """A SIGTERM that lands on a scheduled evaluation step must log that evaluation, so the resumed run's
+    metrics.csv equals an uninterrupted run's (a stop between evaluations adds only a training row)."""
+    import os
+    import signal
+
+    from oasisvq.models import VQVAE
+    from oasisvq.training import Interrupted
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(_cfg(epochs=2, seed=5), full, cache_dir=session_cache, progress=False)
+    forward, calls = VQVAE.forward, {"n": 0}
+
+    def forward_then_sigterm_at_step_7(self, x):  # step 7 is the end of epoch 1: an evaluation step
+        calls["n"] += 1
+        if calls["n"] == 7 and self.training:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, x)
+
+    monkeypatch.setattr(VQVAE, "forward", forward_then_sigterm_at_step_7)
+    with pytest.raises(Interrupted, match="SIGTERM at step 7"):
+        train(_cfg(epochs=2, seed=5), cut, cache_dir=session_cache, progress=False)
+    monkeypatch.setattr(VQVAE, "forward", forward)
+    assert [r["step"] for r in _rows(cut)] == ["7"] and _rows(cut)[0]["val_ssim"] != ""
+    train(_cfg(epochs=2, seed=5), cut, resume=True, cache_dir=session_cache, progress=False)
+    a, b = _rows(full), _rows(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == ["7", "14"]
+    for ra, rb in zip(a, b):
+        assert float(ra["val_ssim"]) == pytest.approx(float(rb["val_ssim"]), rel=1e-5)

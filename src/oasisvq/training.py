@@ -444,9 +444,12 @@ class _Trainer:
                     bar.set_postfix(loss=f"{acc['loss'] / n_acc:.4f}", ssim=f"{acc.get('ssim', 0) / n_acc:.3f}",
                                     codes=f"{acc['usage'] / n_acc:.2f}", epoch=self.epoch)
                 end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
-                if self.step_in_epoch in evals or end_of_epoch or self._done() or stop.signal is not None:
-                    # A stop signal still gets a (cheap) checkpoint, but skips validation.
-                    last = self._checkpoint(acc, n_acc, lr, validate=stop.signal is None)
+                scheduled = self.step_in_epoch in evals or end_of_epoch or self._done()
+                if scheduled or stop.signal is not None:
+                    # A stop between evaluations gets a (cheap) checkpoint without validation; one that lands
+                    # on a scheduled evaluation still validates, so the resumed run logs what an
+                    # uninterrupted one would.
+                    last = self._checkpoint(acc, n_acc, lr, validate=scheduled)
                     acc, n_acc = {}, 0
                     t_seen = time.perf_counter()  # validation and writing are not training time
                 if end_of_epoch:
