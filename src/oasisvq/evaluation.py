@@ -8,7 +8,6 @@ upsampling (no learning, no quantisation).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, atomic_write_bytes, atomic_write_text
+from .checkpoint import atomic_write, atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .config import DataConfig
 from .data import fit_to_size, load_slices, load_volume, read_png, scale_robust, volume_slices
 from .errors import DataError
@@ -63,7 +62,7 @@ def evaluate(run_dir: Path | str, data: list[str] | None = None, split: str = "t
             row.update({f"black_{k}": float(black[k][j]) for k in ("ssim", "psnr", "mae")})
             rows.append(row)
 
-    _write_csv(out / "per_slice.csv", rows)
+    atomic_write_csv(out / "per_slice.csv", rows, list(rows[0]))
     p = counts[counts > 0] / counts.sum()
     bits = (cfg.data.size // f) ** 2 * math.log2(cfg.model.num_codes) / cfg.data.size**2
     model_stats = {k: summarize([r[k] for r in rows]) for k in PER_SLICE_KEYS}
@@ -98,14 +97,6 @@ def _best_median_worst(ssims: dict[int, float]) -> list[int]:
     if not order:
         return []
     return [order[-1], order[len(order) // 2], order[0]]
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _figures(out: Path, rows: list[dict], pick: list[int], original: np.ndarray, recon: np.ndarray, metrics: dict,

@@ -9,6 +9,7 @@ floor, timings and machine.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import shutil
@@ -108,8 +109,6 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
     d.h(2, "Data")
     subjects: list[str] = []
     if (run_dir / "eval-test" / "per_slice.csv").is_file():
-        import csv
-
         with open(run_dir / "eval-test" / "per_slice.csv", newline="") as f:
             subjects = [r["subject"] for r in csv.DictReader(f)]
     if demo_info and demo_info.get("data", {}).get("kind") == "mni152-template":
@@ -172,8 +171,6 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
     for pdir in sorted(run_dir.glob("prior-*")):
         metrics_csv = pdir / "metrics.csv"
         if metrics_csv.is_file():
-            import csv
-
             with open(metrics_csv, newline="") as f:
                 r = list(csv.DictReader(f))
             vals = [float(x["val_bits"]) for x in r if x.get("val_bits") not in (None, "")]

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     atomic_write_bytes,
+    atomic_write_csv,
     atomic_write_text,
     load_checkpoint,
     optimizer_from_tensors,
@@ -132,14 +133,6 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
         tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
     save_checkpoint(path, tensors, {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes})
     return tensors
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _curve(rows: list[dict], path: Path, title: str) -> None:
@@ -342,7 +335,7 @@ def train_prior(run_dir: Path | str, kind: str = "transformer", epochs: int | No
                 save("best", full=False)
             save("last", full=True)
             last_save = time.perf_counter()
-            _write_metrics(pdir / "metrics.csv", rows)
+            atomic_write_csv(pdir / "metrics.csv", rows, METRIC_FIELDS)
             _curve(rows, pdir / "curve.png", f"prior-{kind}: bits per code")
     bar.close()
     result = dict(rows[-1]) if rows else {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import math
 import os
 import signal
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import (
-    atomic_write_text,
+    atomic_write_csv,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -359,11 +358,7 @@ class _Trainer:
     def _write_metrics(self) -> None:
         if self.rank != 0:
             return
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(self.rows)
-        atomic_write_text(self.out / "metrics.csv", buf.getvalue())
+        atomic_write_csv(self.out / "metrics.csv", self.rows, METRIC_FIELDS)
 
     # ------------------------------------------------------------------ loop
     def _budget_progress(self) -> float:
