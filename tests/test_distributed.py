@@ -1,15 +1,18 @@
 """Two CPU processes (gloo) train like one process on the same global batch: identical weights and codebooks
 on both ranks after every step, the same losses as a single process, one set of checkpoints, and a
-2-process run resumes in 1 process."""
+2-process run resumes in 1 process. The same for the priors. A stop signal to one rank stops every rank
+(saved, no hang)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from oasisvq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 from .conftest import shared
 
-TINY = dict(downsample=4, channels=(8, 16), hidden=16, res_blocks=1, num_codes=32, code_dim=8, dead_code_steps=2)
+TINY = {"downsample": 4, "channels": (8, 16), "hidden": 16, "res_blocks": 1, "num_codes": 32, "code_dim": 8, "dead_code_steps": 2}
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -39,12 +42,23 @@ def _cfg(t88: str, batch_size: int, epochs: int = 2) -> RunConfig:
                                        val_slices=8, seed=5))
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: str, record: str) -> None:
-    """One rank: train with hooks that record (state before each step, loss of each step, final state)."""
+def _join_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
+
+
+def _signal_self(rank: int, signal_at: tuple[int, int] | None, steps_done: int) -> None:
+    """SIGTERM to this process when it is rank signal_at[0] and has run signal_at[1] forward passes."""
+    if signal_at is not None and (rank, steps_done) == tuple(signal_at):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: str, record: str,
+            signal_at: tuple[int, int] | None = None) -> None:
+    """One rank: train with hooks that record (state before each step, loss of each step, final state)."""
+    _join_env(rank, world, port)
     import oasisvq.training as tr
 
     states, losses, final = [], [], {}
@@ -60,6 +74,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: s
         def post(module, args, output):
             if module.training:
                 losses.append(float(output[1]["loss"].detach()))
+                _signal_self(rank, signal_at, len(losses))
 
         self.model.register_forward_pre_hook(pre)
         self.model.register_forward_hook(post)
@@ -70,14 +85,28 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: s
         return result
 
     tr._Trainer.__init__, tr._Trainer.run = init, run
-    tr.train(RunConfig.from_dict(cfg_dict), out, cache_dir=cache, progress=False)
-    torch.save({"states": states, "losses": losses, "final": final}, f"{record}.rank{rank}.pt")
+    stopped = ""
+    try:
+        tr.train(RunConfig.from_dict(cfg_dict), out, cache_dir=cache, progress=False)
+    except tr.Interrupted as e:
+        stopped = str(e)
+    torch.save({"states": states, "losses": losses, "final": final, "stopped": stopped}, f"{record}.rank{rank}.pt")
 
 
-def _spawn(world: int, cfg: RunConfig, out: Path, cache: Path, record: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), str(out), str(cache), str(record)), nprocs=world,
-             join=True)
+def _run_ranks(fn, world: int, args: tuple, record: Path, timeout: float = 240) -> list[dict]:
+    """Run fn(rank, world, port, *args) in `world` processes; fail (not hang) if they do not all finish."""
+    ctx = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{world} ranks did not finish within {timeout:.0f} s (a collective waited forever?)")
     return [torch.load(f"{record}.rank{r}.pt") for r in range(world)]
+
+
+def _spawn(world: int, cfg: RunConfig, out: Path, cache: Path, record: Path, signal_at=None) -> list[dict]:
+    return _run_ranks(_worker, world, (cfg.to_dict(), str(out), str(cache), str(record), signal_at), record)
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, session_cache):
@@ -126,7 +155,7 @@ def test_torchrun_cli_then_resume_in_one_process(tmp_path, session_cache):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            "-m", "oasisvq", "train", "--config", str(config), "--out", str(run), "--cache-dir", str(session_cache),
            "--no-progress"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     summaries, text = [], p.stdout
     while "{" in text:  # every rank prints a summary; only rank 0 validates
@@ -153,3 +182,117 @@ def test_torchrun_cli_then_resume_in_one_process(tmp_path, session_cache):
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(r["val_ssim"] for r in rows)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, session_cache):
+    t88 = str(shared("oasis1_t88_axial"))
+    from oasisvq.checkpoint import load_checkpoint
+    from oasisvq.data import load_slices
+
+    load_slices(_cfg(t88, 8).data, cache_dir=session_cache, progress=False)
+    r0, r1 = _spawn(2, _cfg(t88, batch_size=8, epochs=50), tmp_path / "ddp", session_cache, tmp_path / "ddp",
+                    signal_at=(1, 3))
+    # rank 1 was signalled during step 3; both ranks finish that step, save once and report the stop
+    assert len(r0["losses"]) == len(r1["losses"]) == 3
+    assert "SIGTERM" in r1["stopped"] and "another rank" in r0["stopped"]
+    meta = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors")[1]
+    assert meta["step"] == 3 and meta["world_size"] == 2
+    for s0, s1 in zip(r0["states"], r1["states"]):
+        for k in s0:
+            assert torch.equal(s0[k], s1[k]), k
+
+
+# --------------------------------------------------------------------------------------------- priors
+
+PRIOR = {"layers": 2, "width": 16, "heads": 2, "kernel": 3}
+
+
+def _prior_worker(rank: int, world: int, port: int, run_dir: str, batch_size: int, epochs: int, record: str,
+                  signal_at: tuple[int, int] | None = None, resume: bool = False) -> None:
+    """One rank of train_prior on synthetic code grids, recording states before each step and losses."""
+    _join_env(rank, world, port)
+    from oasisvq import sampling
+    from oasisvq.training import Interrupted
+
+    from .test_sampling import _slices
+
+    data = _slices((24, 6, 6))
+    sampling._run_slices = lambda run_cfg, cache_dir, progress: data
+    states, losses = [], []
+    orig_init = sampling._PriorTrainer.__init__
+
+    def init(self, *a, **kw):
+        orig_init(self, *a, **kw)
+
+        def pre(module, args):
+            if module.training:
+                states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+        def post(module, args, output):
+            if module.training:
+                losses.append(float(torch.nn.functional.cross_entropy(output.float(), args[0])))
+                _signal_self(rank, signal_at, len(losses))
+
+        self.model.register_forward_pre_hook(pre)
+        self.model.register_forward_hook(post)
+
+    sampling._PriorTrainer.__init__ = init
+    stopped, result = "", {}
+    options = {} if resume else dict(PRIOR, batch_size=batch_size)
+    try:
+        result = sampling.train_prior(run_dir, "transformer", epochs=epochs, device="cpu", progress=False,
+                                      resume=resume, **options)
+    except Interrupted as e:
+        stopped = str(e)
+    torch.save({"states": states, "losses": losses, "stopped": stopped, "result": result}, f"{record}.rank{rank}.pt")
+
+
+def test_prior_two_processes_match_one_process_then_resume_in_one(tmp_path):
+    from oasisvq.checkpoint import load_checkpoint
+
+    from .test_sampling import make_run
+
+    two_dir, one_dir = make_run(tmp_path / "two"), make_run(tmp_path / "one")
+    r0, r1 = _run_ranks(_prior_worker, 2, (str(two_dir), 4, 2, str(tmp_path / "two")), tmp_path / "two")
+    (one,) = _run_ranks(_prior_worker, 1, (str(one_dir), 8, 2, str(tmp_path / "one")), tmp_path / "one")
+
+    steps = 2 * (24 // 8)  # 24 train grids, global batch 8, 2 epochs
+    assert len(r0["states"]) == len(r1["states"]) == len(one["states"]) == steps
+    for s0, s1 in zip(r0["states"], r1["states"]):
+        for k in s0:
+            assert torch.equal(s0[k], s1[k]), k
+    ddp_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    for step, (a, b) in enumerate(zip(ddp_loss, one["losses"])):
+        assert a == pytest.approx(b, rel=1e-4), (step, ddp_loss, one["losses"])
+
+    pdir = two_dir / "prior-transformer"
+    assert sorted(p.name for p in pdir.iterdir()) == ["best.safetensors", "codes.safetensors", "curve.png",
+                                                       "last.safetensors", "metrics.csv"]
+    with open(pdir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    # the logged train bits are the mean over both ranks and all steps of the epoch
+    assert float(rows[0]["train_bits"]) * 0.6931471805599453 == pytest.approx(sum(ddp_loss[:3]) / 3, rel=1e-5)
+    assert float(rows[1]["val_bits"]) == pytest.approx(r0["result"]["val_bits"])
+    meta = load_checkpoint(pdir / "last.safetensors")[1]
+    assert (meta["world_size"], meta["global_batch"], meta["step"]) == (2, 8, 6)
+
+    # continue in one process (global batch 4 now): steps are converted, one more epoch of 6 steps
+    (res,) = _run_ranks(_prior_worker, 1, (str(two_dir), 4, 3, str(tmp_path / "resume"), None, True),
+                        tmp_path / "resume")
+    meta = load_checkpoint(pdir / "last.safetensors")[1]
+    assert (meta["world_size"], meta["epoch"], meta["step"]) == (1, 3, 3 * 6)
+    assert len(res["losses"]) == 6 and res["result"]["step"] == 18
+
+
+def test_prior_signal_to_one_rank_stops_both(tmp_path):
+    from oasisvq.checkpoint import load_checkpoint
+
+    from .test_sampling import make_run
+
+    run_dir = make_run(tmp_path / "run")
+    r0, r1 = _run_ranks(_prior_worker, 2, (str(run_dir), 4, 100, str(tmp_path / "rec"), (1, 4)), tmp_path / "rec")
+    assert len(r0["losses"]) == len(r1["losses"]) == 4
+    assert "SIGTERM" in r1["stopped"] and "another rank" in r0["stopped"]
+    meta = load_checkpoint(run_dir / "prior-transformer" / "last.safetensors")[1]
+    assert (meta["step"], meta["epoch"], meta["step_in_epoch"]) == (4, 1, 1)

@@ -128,7 +128,7 @@ def test_dead_codes_are_restarted_from_batch_encodings_and_then_used():
         assert torch.cdist(vq.codebook[k:k + 1], rows).min() < 1e-6
         assert torch.equal(vq.ema_sum[k], vq.codebook[k])
         assert vq.ema_count[k].item() == 1.0
-    _, idx, _, stats = vq.eval()(_grid(rows))
+    _, idx, _, _stats = vq.eval()(_grid(rows))
     used = set(idx.flatten().tolist())
     assert {2, 3} & used, f"revived codes are not used: {used}"
     assert len(used) >= 3
@@ -141,7 +141,7 @@ def test_dead_code_restart_raises_usage_on_real_like_data():
     vq.codebook[:8] += 100  # break half the codebook: nobody picks these
     vq.ema_sum[:8] = vq.codebook[:8] * vq.ema_count[:8, None]
     for _ in range(4):
-        _, idx, _, stats = vq(torch.randn(1, 4, 8, 8))
+        _, _idx, _, stats = vq(torch.randn(1, 4, 8, 8))
     assert (vq.codebook.abs() < 20).all(), "dead codes were not pulled back to the data"
     assert stats["usage"].item() > 0.5
 
@@ -185,7 +185,7 @@ def test_perplexity_and_usage_on_known_assignments():
 
 def _tiny(downsample: int, **kw) -> ModelConfig:
     stages = int(math.log2(downsample))
-    base = dict(downsample=downsample, channels=tuple([4] * stages), hidden=8, res_blocks=1, num_codes=16, code_dim=4)
+    base = {"downsample": downsample, "channels": tuple([4] * stages), "hidden": 8, "res_blocks": 1, "num_codes": 16, "code_dim": 4}
     base.update(kw)
     return ModelConfig(**base)
 

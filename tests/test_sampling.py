@@ -36,21 +36,25 @@ def _slices(n_per_split=(12, 6, 6), seed=0) -> SliceSet:
     return SliceSet(imgs, index)
 
 
-@pytest.fixture()
-def run(tmp_path, monkeypatch):
+def make_run(run_dir):
     """A run folder with a (random-weight) tiny VQ-VAE checkpoint in the format training.py writes."""
     cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=SIZE),
                     model=ModelConfig(downsample=8, channels=(8, 8, 8), hidden=8, res_blocks=1, num_codes=16,
                                       code_dim=4))
     torch.manual_seed(0)
     model = VQVAE(cfg.model)
-    run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     cfg.save(run_dir / "config.json")
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for name in ("best", "last"):
         save_checkpoint(run_dir / "checkpoints" / f"{name}.safetensors", tensors,
                         {"kind": "vqvae", "config": cfg.to_dict()})
+    return run_dir
+
+
+@pytest.fixture()
+def run(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path / "run")
     data = _slices()
     monkeypatch.setattr(sampling, "_run_slices", lambda run_cfg, cache_dir, progress: data)
     return run_dir
@@ -150,10 +154,12 @@ def test_position_classes():
         sampling.position_classes(np.array([0.5, np.nan]), 3)
 
 
-def test_benchmark_script_prints_a_table(run, tmp_path, capsys):
+def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
     import importlib.util
     from pathlib import Path
 
+    data = _slices((40, 6, 6))  # at least one batch of the default prior batch size (32)
+    monkeypatch.setattr(sampling, "_run_slices", lambda run_cfg, cache_dir, progress: data)
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
     spec = importlib.util.spec_from_file_location("bench_generation", path)
     bench = importlib.util.module_from_spec(spec)

@@ -17,12 +17,12 @@ from oasisvq.training import train
 
 from .conftest import shared
 
-TINY = dict(downsample=4, channels=(8, 16), hidden=32, res_blocks=1, num_codes=64, code_dim=8, dead_code_steps=5)
+TINY = {"downsample": 4, "channels": (8, 16), "hidden": 32, "res_blocks": 1, "num_codes": 64, "code_dim": 8, "dead_code_steps": 5}
 
 
 def _cfg(epochs: int, **train_kw) -> RunConfig:
     t88 = shared("oasis1_t88_axial")
-    kw = dict(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=5, device="cpu", val_slices=20, evals_per_epoch=1)
+    kw = {"epochs": epochs, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "device": "cpu", "val_slices": 20, "evals_per_epoch": 1}
     kw.update(train_kw)
     return RunConfig(data=DataConfig(paths=[str(t88)], size=64), model=ModelConfig(**TINY),
                      train=TrainConfig(**kw)).validate()

@@ -161,7 +161,8 @@ def cmd_train_prior(a) -> int:
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
                          overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
                          progress=not a.no_progress, **options)
-    _print_json(result)
+    if os.environ.get("RANK", "0") == "0":
+        _print_json(result)
     return 0
 
 

@@ -180,169 +180,241 @@ def train_prior(run_dir: Path | str, kind: str = "transformer", epochs: int | No
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr,
     batch_size, seed, kernel, init_from_codebook). ``epochs`` is the total number of epochs (default 10; a
-    resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the wall-clock time of this call. Validation uses at
-    most ``val_grids`` validate-split grids (a fixed subset). Returns the final metrics row plus paths.
+    resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
+    wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a fixed
+    subset). Returns the final metrics row plus paths.
+
+    Under ``torchrun`` the prior is wrapped in DistributedDataParallel: ``batch_size`` is per process, each
+    rank reads its share of every global batch, rank 0 validates and writes, and a run resumes on another
+    number of processes.
     """
-    from .training import Interrupted, _StopFlag, autocast_for, epoch_order, pick_device
+    from .training import distributed_context
 
     fields = {f.name for f in dataclasses.fields(PriorConfig)} - {"kind", "epochs", "max_minutes"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    run_dir = Path(run_dir)
-    pdir = prior_dir(run_dir, kind)
-    last_path = pdir / "last.safetensors"
-    if resume and not last_path.is_file():
-        raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
-    if not resume and last_path.is_file() and not overwrite:
-        raise ConfigError(f"{pdir}: already holds a prior; pass --resume to continue it or --overwrite to replace it")
-    dev = pick_device(device)
-    vq, run_cfg = _open_run(run_dir, dev)
-    if pdir.is_dir():
-        remove_stale_temps(pdir)  # left by a call killed mid-write
+    with distributed_context() as (rank, world, local_rank):
+        return _PriorTrainer(Path(run_dir), kind, epochs, max_minutes, resume, overwrite, device, cache_dir,
+                             progress and rank == 0, val_grids, options, rank, world, local_rank).run()
 
-    saved_t, saved = (load_checkpoint(last_path) if resume else ({}, {}))
-    if resume:
-        if saved.get("kind") != "prior":
-            raise CheckpointError(f"{last_path}: not a prior checkpoint")
-        if saved.get("num_codes") != vq.cfg.num_codes:
-            raise CheckpointError(
-                f"{last_path}: this prior was trained on {saved.get('num_codes')} codes but the run's VQ-VAE "
-                f"now has {vq.cfg.num_codes}; train a new prior with --overwrite")
-        cfg = PriorConfig(**saved["prior_config"])
-        differ = [k for k, v in options.items() if getattr(cfg, k) != v]
-        if differ:
-            raise ConfigError(f"{pdir}: --resume keeps the saved settings; these differ: {', '.join(differ)}")
-        cfg.epochs, cfg.max_minutes = (cfg.epochs if epochs is None else epochs), max_minutes
-    else:
-        cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes, **options)
-    cfg.validate()
-    if resume and saved.get("vqvae") != _fingerprint(run_dir):
-        warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
-                      stacklevel=2)
 
-    codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress)
-    train_codes, val_codes = codes["train.codes"], codes["validate.codes"]
-    if len(train_codes) == 0 or len(val_codes) == 0:
-        raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
-    grid = tuple(train_codes.shape[1:])
-    if resume and tuple(saved.get("grid", grid)) != grid:
-        raise CheckpointError(f"{last_path}: this prior was trained on {tuple(saved['grid'])} code grids but the "
-                              f"run's VQ-VAE now makes {grid}; train a new prior with --overwrite")
-    val_pick = np.random.default_rng(cfg.seed).permutation(len(val_codes))[:val_grids]
-    val_codes = val_codes[torch.from_numpy(np.sort(val_pick))]
-    train_cond = val_cond = None
-    class_counts: list[int] = []
-    if cfg.num_classes:
-        train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
-        val_cond = position_classes(codes["validate.position"].numpy()[np.sort(val_pick)], cfg.num_classes)
-        class_counts = torch.bincount(train_cond, minlength=cfg.num_classes).tolist()
+class _PriorTrainer:
+    def __init__(self, run_dir: Path, kind: str, epochs: int | None, max_minutes: float, resume: bool,
+                 overwrite: bool, device: str, cache_dir, progress: bool, val_grids: int, options: dict,
+                 rank: int, world: int, local_rank: int):
+        from .training import autocast_for, pick_device
 
-    torch.manual_seed(cfg.seed)
-    model = build_prior(cfg, vq.cfg.num_codes, grid).to(dev)
-    if cfg.init_from_codebook and not resume:
-        model.init_from_codebook(vq.quantizer.codebook)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    amp, _ = autocast_for(dev, True)
+        self.run_dir, self.kind, self.resume, self.progress = run_dir, kind, resume, progress
+        self.rank, self.world = rank, world
+        self.pdir = pdir = prior_dir(run_dir, kind)
+        last_path = pdir / "last.safetensors"
+        if resume and not last_path.is_file():
+            raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
+        if not resume and last_path.is_file() and not overwrite:
+            raise ConfigError(f"{pdir}: already holds a prior; pass --resume to continue it or --overwrite to "
+                              "replace it")
+        dev = pick_device(device)
+        if dev.type == "cuda" and world > 1:
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        self.dev = dev
+        vq, run_cfg = _open_run(run_dir, dev)
+        if pdir.is_dir() and rank == 0:
+            remove_stale_temps(pdir)  # left by a call killed mid-write
 
-    epoch = step = step_in_epoch = 0
-    elapsed, best = 0.0, math.inf
-    rows: list[dict] = []
-    if resume:
-        model.load_state_dict({k[6:]: v for k, v in saved_t.items() if k.startswith("model.")})
-        optimizer_from_tensors(opt, saved_t, saved["optimizer"])
-        set_rng_state(saved_t)
-        epoch, step, step_in_epoch = saved["epoch"], saved["step"], saved["step_in_epoch"]
-        elapsed, best = saved["elapsed_s"], saved["best_val_bits"]
-        if (pdir / "metrics.csv").is_file():
-            with open(pdir / "metrics.csv", newline="") as f:
-                rows = list(csv.DictReader(f))[: saved["metrics_rows"]]
+        saved_t, saved = (load_checkpoint(last_path) if resume else ({}, {}))
+        if resume:
+            if saved.get("kind") != "prior":
+                raise CheckpointError(f"{last_path}: not a prior checkpoint")
+            if saved.get("num_codes") != vq.cfg.num_codes:
+                raise CheckpointError(
+                    f"{last_path}: this prior was trained on {saved.get('num_codes')} codes but the run's VQ-VAE "
+                    f"now has {vq.cfg.num_codes}; train a new prior with --overwrite")
+            cfg = PriorConfig(**saved["prior_config"])
+            differ = [k for k, v in options.items() if getattr(cfg, k) != v]
+            if differ:
+                raise ConfigError(f"{pdir}: --resume keeps the saved settings; these differ: {', '.join(differ)}")
+            cfg.epochs, cfg.max_minutes = (cfg.epochs if epochs is None else epochs), max_minutes
+        else:
+            cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes, **options)
+        cfg.validate()
+        self.cfg = cfg
+        if resume and saved.get("vqvae") != _fingerprint(run_dir) and rank == 0:
+            warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
+                          stacklevel=3)
 
-    n_batches = math.ceil(len(train_codes) / cfg.batch_size)
-    meta_base = {"kind": "prior", "prior_config": dataclasses.asdict(cfg), "num_codes": vq.cfg.num_codes,
-                 "grid": list(grid), "vqvae": _fingerprint(run_dir), "class_counts": class_counts,
-                 "image_size": run_cfg.data.size}
+        if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank > 0:
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False)
+        self.train_codes, val_codes = codes["train.codes"], codes["validate.codes"]
+        if len(self.train_codes) == 0 or len(val_codes) == 0:
+            raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
+        self.global_batch = cfg.batch_size * world
+        self.n_batches = len(self.train_codes) // self.global_batch
+        if self.n_batches == 0:
+            raise ConfigError(f"batch size {cfg.batch_size} x {world} process(es) is larger than the training "
+                              f"split ({len(self.train_codes)} code grids)")
+        grid = tuple(self.train_codes.shape[1:])
+        if resume and tuple(saved.get("grid", grid)) != grid:
+            raise CheckpointError(f"{last_path}: this prior was trained on {tuple(saved['grid'])} code grids but "
+                                  f"the run's VQ-VAE now makes {grid}; train a new prior with --overwrite")
+        val_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(val_codes))[:val_grids])
+        self.val_codes = val_codes[torch.from_numpy(val_pick)]
+        self.train_cond = self.val_cond = None
+        class_counts: list[int] = []
+        if cfg.num_classes:
+            self.train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
+            self.val_cond = position_classes(codes["validate.position"].numpy()[val_pick], cfg.num_classes)
+            class_counts = torch.bincount(self.train_cond, minlength=cfg.num_classes).tolist()
 
-    def save(name: str, full: bool) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        meta = dict(meta_base, epoch=epoch, step=step, step_in_epoch=step_in_epoch, elapsed_s=elapsed,
-                    best_val_bits=best, metrics_rows=len(rows))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = build_prior(cfg, vq.cfg.num_codes, grid).to(dev)
+        if cfg.init_from_codebook and not resume:
+            self.model.init_from_codebook(vq.quantizer.codebook)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+        self.amp, _ = autocast_for(dev, True)
+        self.ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                               broadcast_buffers=False)  # buffers are fixed masks
+
+        self.epoch = self.step = self.step_in_epoch = 0
+        self.elapsed, self.best = 0.0, math.inf
+        self.rows: list[dict] = []
+        if resume:
+            self.model.load_state_dict({k[6:]: v for k, v in saved_t.items() if k.startswith("model.")})
+            optimizer_from_tensors(self.opt, saved_t, saved["optimizer"])
+            set_rng_state(saved_t)
+            self.epoch, self.step, self.step_in_epoch = saved["epoch"], saved["step"], saved["step_in_epoch"]
+            self._adopt_position(int(saved.get("global_batch", cfg.batch_size)))
+            self.elapsed, self.best = saved["elapsed_s"], saved["best_val_bits"]
+            if (pdir / "metrics.csv").is_file():
+                with open(pdir / "metrics.csv", newline="") as f:
+                    self.rows = list(csv.DictReader(f))[: saved["metrics_rows"]]
+        self.meta_base = {"kind": "prior", "prior_config": dataclasses.asdict(cfg), "num_codes": vq.cfg.num_codes,
+                          "grid": list(grid), "vqvae": _fingerprint(run_dir), "class_counts": class_counts,
+                          "image_size": run_cfg.data.size, "global_batch": self.global_batch, "world_size": world}
+
+    def _adopt_position(self, saved_global_batch: int) -> None:
+        """A checkpoint from another number of processes continues after the same number of grids of its
+        epoch, with the step count in this run's steps."""
+        if saved_global_batch == self.global_batch:
+            return
+        self.step_in_epoch = self.step_in_epoch * saved_global_batch // self.global_batch
+        if self.step_in_epoch >= self.n_batches:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.step = self.epoch * self.n_batches + self.step_in_epoch
+
+    def save(self, name: str, full: bool) -> None:
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        meta = dict(self.meta_base, epoch=self.epoch, step=self.step, step_in_epoch=self.step_in_epoch,
+                    elapsed_s=self.elapsed, best_val_bits=self.best, metrics_rows=len(self.rows))
         if full:
-            opt_t, meta["optimizer"] = optimizer_to_tensors(opt)
+            opt_t, meta["optimizer"] = optimizer_to_tensors(self.opt)
             tensors.update(opt_t)
             tensors.update(rng_state())
-        save_checkpoint(pdir / f"{name}.safetensors", tensors, meta)
+        save_checkpoint(self.pdir / f"{name}.safetensors", tensors, meta)
 
-    call_start = seg_start = last_save = time.perf_counter()
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
-    acc, acc_n, lr, out_of_time = 0.0, 0, cfg.lr, False
-    model.train()
-    bar = tqdm(total=max(cfg.epochs * n_batches - step, 0), desc=f"prior-{kind}", disable=not progress)
-    with _StopFlag() as stop:
-        while epoch < cfg.epochs and not out_of_time:
-            order = torch.from_numpy(epoch_order(len(train_codes), cfg.seed, epoch))
-            while step_in_epoch < n_batches:
-                if time.perf_counter() - call_start > budget_s:
-                    out_of_time = True
-                    break
-                idx = order[step_in_epoch * cfg.batch_size:(step_in_epoch + 1) * cfg.batch_size]
-                x = train_codes[idx].long().to(dev)
-                c = None if train_cond is None else train_cond[idx].to(dev)
-                lr = cfg.lr * min(1.0, (step + 1) / WARMUP_STEPS)  # then constant: extending a run is seamless
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with amp:
-                    loss = F.cross_entropy(model(x, c).float(), x)
-                if not torch.isfinite(loss):
-                    from .errors import TrainingError
+    def _batch(self, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        start = self.step_in_epoch * self.global_batch + self.rank * self.cfg.batch_size
+        idx = order[start:start + self.cfg.batch_size]
+        x = self.train_codes[idx].long().to(self.dev, non_blocking=True)
+        return x, None if self.train_cond is None else self.train_cond[idx].to(self.dev)
 
-                    raise TrainingError(f"{pdir}: the prior's loss became {loss.item()} at step {step}; "
-                                        f"lower the learning rate (lr={cfg.lr})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                acc, acc_n = acc + loss.item(), acc_n + 1
-                step, step_in_epoch = step + 1, step_in_epoch + 1
-                bar.update(1)
-                bar.set_postfix(bits=f"{loss.item() / math.log(2):.3f}", epoch=epoch)
-                if stop.signal is not None:  # SIGINT/SIGTERM: save where we are and stop (as training does)
-                    if step_in_epoch >= n_batches:
-                        epoch, step_in_epoch = epoch + 1, 0
-                    elapsed += time.perf_counter() - seg_start
-                    save("last", full=True)
-                    bar.close()
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint saved. "
-                        f"Continue with: oasisvq train-prior {run_dir} --kind {kind} --resume")
-                if time.perf_counter() - last_save > SAVE_EVERY_S and step_in_epoch < n_batches:
-                    elapsed, seg_start = elapsed + time.perf_counter() - seg_start, time.perf_counter()
-                    save("last", full=True)  # long epochs: a crash loses at most SAVE_EVERY_S of work
-                    last_save = time.perf_counter()
-            if step_in_epoch >= n_batches:
-                epoch, step_in_epoch = epoch + 1, 0
-            if acc_n == 0:
-                break  # nothing trained in this call (budget already spent)
-            val = bits_per_code(model, val_codes, val_cond, dev, cfg.batch_size)
-            elapsed += time.perf_counter() - seg_start
-            seg_start = time.perf_counter()
-            rows.append({"epoch": round(epoch + step_in_epoch / n_batches, 4), "step": step,
-                         "time_s": round(elapsed, 2), "lr": lr, "train_bits": acc / acc_n / math.log(2),
-                         "val_bits": val})
-            acc, acc_n = 0.0, 0
-            if val < best:
-                best = val
-                save("best", full=False)
-            save("last", full=True)
-            last_save = time.perf_counter()
-            atomic_write_csv(pdir / "metrics.csv", rows, METRIC_FIELDS)
-            _curve(rows, pdir / "curve.png", f"prior-{kind}: bits per code")
-    bar.close()
-    result = dict(rows[-1]) if rows else {}
-    result.update({"best_val_bits": best, "prior_dir": str(pdir), "train_seconds": elapsed,
-                   "stopped_by_time": out_of_time})
-    return result
+    def _end_epoch_row(self, train_loss_sum: float, n: int, lr: float) -> None:
+        """All ranks: the mean train loss over ranks; rank 0: validation, the metrics row and checkpoints."""
+        loss = torch.tensor([train_loss_sum / n], dtype=torch.float64,
+                            device=self.dev if self.dev.type == "cuda" else None)
+        if self.world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= self.world
+        if self.rank == 0:
+            val = bits_per_code(self.model, self.val_codes, self.val_cond, self.dev, self.cfg.batch_size)
+            self.rows.append({"epoch": round(self.epoch + self.step_in_epoch / self.n_batches, 4), "step": self.step,
+                              "time_s": round(self.elapsed, 2), "lr": lr,
+                              "train_bits": float(loss) / math.log(2), "val_bits": val})
+            if val < self.best:
+                self.best = val
+                self.save("best", full=False)
+            self.save("last", full=True)
+            atomic_write_csv(self.pdir / "metrics.csv", self.rows, METRIC_FIELDS)
+            _curve(self.rows, self.pdir / "curve.png", f"prior-{self.kind}: bits per code")
+        if self.world > 1:
+            torch.distributed.barrier()
 
+    def run(self) -> dict[str, Any]:
+        from .errors import TrainingError
+        from .training import Interrupted, _StopFlag, agree, epoch_order
+
+        cfg, model = self.cfg, self.ddp or self.model
+        call_start = seg_start = last_save = time.perf_counter()
+        budget_s = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+        acc, acc_n, lr = 0.0, 0, cfg.lr
+        (out_of_time,) = agree(time.perf_counter() - call_start > budget_s)  # then checked after every step
+        model.train()
+        bar = tqdm(total=max(cfg.epochs * self.n_batches - self.step, 0), desc=f"prior-{self.kind}",
+                   disable=not self.progress)
+        with _StopFlag() as stop:
+            while self.epoch < cfg.epochs and not out_of_time:
+                order = torch.from_numpy(epoch_order(len(self.train_codes), cfg.seed, self.epoch))
+                while self.step_in_epoch < self.n_batches:
+                    x, c = self._batch(order)
+                    lr = cfg.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)  # then constant: extending is seamless
+                    for g in self.opt.param_groups:
+                        g["lr"] = lr
+                    with self.amp:
+                        loss = F.cross_entropy(model(x, c).float(), x)
+                    (nonfinite,) = agree(not torch.isfinite(loss))
+                    if nonfinite:
+                        raise TrainingError(f"{self.pdir}: the prior's loss became non-finite at step {self.step}; "
+                                            f"lower the learning rate (lr={cfg.lr})")
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                    self.opt.step()
+                    loss_value = loss.item()
+                    acc, acc_n = acc + loss_value, acc_n + 1
+                    self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
+                    bar.update(1)
+                    bar.set_postfix(bits=f"{loss_value / math.log(2):.3f}", epoch=self.epoch)
+                    stopping, out_of_time = agree(stop.signal is not None, time.perf_counter() - call_start > budget_s)
+                    if stopping:  # SIGINT/SIGTERM: save where we are and stop (as training does)
+                        if self.step_in_epoch >= self.n_batches:
+                            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                        self.elapsed += time.perf_counter() - seg_start
+                        self.save("last", full=True)
+                        bar.close()
+                        name = signal.Signals(stop.signal).name if stop.signal is not None else "another rank's signal"
+                        raise Interrupted(
+                            f"stopped by {name} at step {self.step}; checkpoint saved. "
+                            f"Continue with: oasisvq train-prior {self.run_dir} --kind {self.kind} --resume")
+                    if time.perf_counter() - last_save > SAVE_EVERY_S and self.step_in_epoch < self.n_batches:
+                        self.elapsed, seg_start = self.elapsed + time.perf_counter() - seg_start, time.perf_counter()
+                        self.save("last", full=True)  # long epochs: a crash loses at most SAVE_EVERY_S of work
+                        last_save = time.perf_counter()
+                    if out_of_time:
+                        break
+                if self.step_in_epoch >= self.n_batches:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if acc_n == 0:
+                    break  # nothing trained in this call (budget already spent)
+                self.elapsed += time.perf_counter() - seg_start
+                self._end_epoch_row(acc, acc_n, lr)
+                seg_start = last_save = time.perf_counter()
+                acc, acc_n = 0.0, 0
+        bar.close()
+        result = dict(self.rows[-1]) if self.rows else {}
+        result.update({"best_val_bits": self.best, "prior_dir": str(self.pdir), "train_seconds": self.elapsed,
+                       "stopped_by_time": out_of_time})
+        return result
 
 # ------------------------------------------------------------------------------------------- sampling
 

@@ -88,6 +88,19 @@ def distributed_context():
         dist.destroy_process_group()
 
 
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag made true on every rank if it is true on any (one tiny all-reduce under torchrun).
+
+    Decisions that end or break a step (a stop signal, the time budget, a non-finite loss) must be taken by
+    all ranks together: a rank that stops alone leaves the others waiting forever in the next all-reduce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
 # ---------------------------------------------------------------------------------------------- run dir
 
 
@@ -165,9 +178,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Left-right flips and mild gamma/contrast jitter (anatomy stays plausible)."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)  # drawn on the CPU: the same on any device
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(-2), x)
-    gamma = torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.3).view(n, 1, 1, 1)
+    gamma = torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.3).view(n, 1, 1, 1).to(x.device)
     return x.clamp(0, 1).pow(gamma)
 
 
@@ -372,10 +385,15 @@ class _Trainer:
     def _batch(self) -> torch.Tensor:
         order = epoch_order(len(self.train_set), self.cfg.train.seed, self.epoch)
         start = self.step_in_epoch * self.global_batch + self.rank * self.cfg.train.batch_size
-        x = self.train_set.tensor(order[start:start + self.cfg.train.batch_size])
+        # uint8 to the device (a quarter of the bytes of float), from pinned memory on CUDA so the copy
+        # overlaps the previous step's work; converted and augmented there.
+        u8 = torch.from_numpy(self.train_set.uint8(order[start:start + self.cfg.train.batch_size])).unsqueeze(1)
+        if self.device.type == "cuda":
+            u8 = u8.pin_memory()
+        x = u8.to(self.device, non_blocking=True).float().div_(255.0)
         if self.cfg.train.augment:
             x = augment_batch(x, self.aug_gen)
-        return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -387,13 +405,14 @@ class _Trainer:
     def run(self, resume: bool) -> dict:
         if resume:
             self._restore()
+        self.time_up = self._out_of_time()  # the same on every rank: elapsed comes from the checkpoint
         model = self.ddp or self.model
         model.train()
         evals = sorted({max(1, round(self.steps_per_epoch * (i + 1) / self.cfg.train.evals_per_epoch))
                         for i in range(self.cfg.train.evals_per_epoch)})
         bar = tqdm(total=self.total_steps or None, initial=self.step, disable=not self.progress, unit="step",
                    desc="train", dynamic_ncols=True)
-        acc: dict[str, float] = {}
+        acc: dict[str, torch.Tensor] = {}
         n_acc = 0
         last = None
         t_seen = time.perf_counter()
@@ -408,7 +427,8 @@ class _Trainer:
                 loss = losses["loss"]
                 if self.fault_at_step is not None and self.step == self.fault_at_step:
                     loss = loss * float("nan")
-                if not torch.isfinite(loss):
+                (nonfinite,) = agree(not torch.isfinite(loss))
+                if nonfinite:
                     raise TrainingError(
                         f"loss became {loss.item()} at step {self.step} (epoch {self.epoch}); the last good "
                         f"checkpoint is kept in {self.out / 'checkpoints'}. Likely causes: learning rate too "
@@ -426,21 +446,22 @@ class _Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                     self.opt.step()
                 for k in ("loss", "recon", "ssim", "perplexity", "usage"):
-                    if k in losses:
-                        acc[k] = acc.get(k, 0.0) + float(losses[k].detach())
+                    if k in losses:  # summed on the device: no host sync per step
+                        acc[k] = acc.get(k, 0.0) + losses[k].detach().float()
                 n_acc += 1
                 self.step += 1
                 self.step_in_epoch += 1
                 now = time.perf_counter()
                 self.elapsed += now - t_seen
                 t_seen = now
+                stopping, self.time_up = agree(stop.signal is not None, self._out_of_time())
                 bar.update(1)
-                if self.progress and self.step % 5 == 0:
-                    bar.set_postfix(loss=f"{acc['loss'] / n_acc:.4f}", ssim=f"{acc.get('ssim', 0) / n_acc:.3f}",
-                                    codes=f"{acc['usage'] / n_acc:.2f}", epoch=self.epoch)
+                if self.progress and self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(acc['loss']) / n_acc:.4f}", codes=f"{float(acc['usage']) / n_acc:.2f}",
+                                    ssim=f"{float(acc.get('ssim', 0)) / n_acc:.3f}", epoch=self.epoch)
                 end_of_epoch = self.step_in_epoch >= self.steps_per_epoch
                 scheduled = self.step_in_epoch in evals or end_of_epoch or self._done()
-                if scheduled or stop.signal is not None:
+                if scheduled or stopping:
                     # A stop between evaluations gets a (cheap) checkpoint without validation; one that lands
                     # on a scheduled evaluation still validates, so the resumed run logs what an
                     # uninterrupted one would.
@@ -450,9 +471,9 @@ class _Trainer:
                 if end_of_epoch:
                     self.epoch += 1
                     self.step_in_epoch = 0
-                if stop.signal is not None:
+                if stopping:
                     bar.close()
-                    name = signal.Signals(stop.signal).name
+                    name = signal.Signals(stop.signal).name if stop.signal is not None else "another rank's signal"
                     raise Interrupted(
                         f"stopped by {name} at step {self.step}; checkpoint saved. Continue with: "
                         f"oasisvq train --out {self.out} --resume")
@@ -461,12 +482,14 @@ class _Trainer:
             self.finish_figures(last)
         return {k: v for k, v in (last or {}).items() if k != "code_counts"}
 
-    def _done(self) -> bool:
-        if self.total_steps and self.step >= self.total_steps:
-            return True
+    def _out_of_time(self) -> bool:
         return self.cfg.train.max_minutes > 0 and self.elapsed >= 60 * self.cfg.train.max_minutes
 
-    def _checkpoint(self, acc: dict[str, float], n_acc: int, lr: float, validate: bool = True) -> dict | None:
+    def _done(self) -> bool:
+        # time_up is this rank's clock until the first step, then the ranks' agreed verdict (see agree)
+        return bool(self.total_steps and self.step >= self.total_steps) or self.time_up
+
+    def _checkpoint(self, acc: dict[str, torch.Tensor], n_acc: int, lr: float, validate: bool = True) -> dict | None:
         # Never overwrite a good checkpoint (or log a row) from a model that went non-finite. Every rank
         # holds the same weights, so every rank stops here together.
         bad = [k for k, v in self.model.state_dict().items()
@@ -477,7 +500,7 @@ class _Trainer:
                 f"nothing was written and the last good checkpoint is kept in {self.out / 'checkpoints'}. "
                 f"Likely cause: learning rate too high (train.lr = {self.cfg.train.lr}); lower it and run "
                 f"again with --resume")
-        train_stats = self._reduce({k: v / max(n_acc, 1) for k, v in acc.items()})
+        train_stats = self._reduce({k: float(v) / max(n_acc, 1) for k, v in acc.items()})
         row = {"step": self.step, "epoch": self.epoch, "time_s": round(self.elapsed, 2), "lr": lr,
                "train_loss": train_stats.get("loss"), "train_recon": train_stats.get("recon"),
                "train_ssim": train_stats.get("ssim"), "perplexity": train_stats.get("perplexity"),
