@@ -95,7 +95,7 @@ def build_train_config(a):
     if not cfg.data.paths:
         raise ConfigError("--data is required (a folder of PNG slices or volumes; repeat to combine sources)")
     overrides = {"epochs": a.epochs, "max_minutes": a.max_minutes, "batch_size": a.batch_size,
-                 "device": a.device, "seed": a.seed, "lr": a.lr}
+                 "device": a.device, "seed": a.seed, "lr": a.lr, "compile": a.compile}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg.train, k, v)
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=_positive_int, help="slice size (multiple of 16)")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="torch.compile the model (default auto: runs of >= 1 minute or >= 100 steps)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--cache-dir", type=Path, help="slice cache folder")

@@ -100,6 +100,7 @@ class TrainConfig:
     val_slices: int = 256  # at most this many validation slices per evaluation (fixed subset)
     evals_per_epoch: int = 1
     augment: bool = False  # random flips / small intensity jitter of training slices
+    compile: str = "auto"  # torch.compile the model: on | off | auto (runs of >= 1 min or >= 100 steps, 1 process)
 
     def validate(self) -> None:
         if self.epochs <= 0 and self.max_minutes <= 0:
@@ -110,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.evals_per_epoch <= 0:
             raise ConfigError("train.evals_per_epoch must be positive")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"train.compile must be auto, on or off, got {self.compile!r}")
 
 
 @dataclass

@@ -74,6 +74,9 @@ class VectorQuantizer(nn.Module):
         """Code vectors for an index grid (N, H, W) -> (N, D, H, W)."""
         return self._codes()[indices].permute(0, 3, 1, 2).contiguous()
 
+    # Eager under torch.compile: codebook init and dead-code restarts branch on data, which would break the
+    # graph (with warnings) anyway; the distance/EMA math is a small share of a step.
+    @torch.compiler.disable
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (quantised z with straight-through gradient, indices (N, H, W), commitment loss, stats)."""
         n, d, h, w = z.shape
