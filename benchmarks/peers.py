@@ -1,6 +1,7 @@
 """oasisvq's VQ-VAE against two peers on the same data, image size, latent grid and wall-clock budget.
 
-    python benchmarks/peers.py --minutes 5 --checkpoints 5,10,20
+    python benchmarks/peers.py --checkpoints 5,10,20     # training: SSIM at each budget, images/s, memory
+    python benchmarks/peers.py --sampling 64             # prior sampling speed (transformer, PixelCNN, MONAI)
 
 Peers:
 - ``keras``: the Keras VQ-VAE example (keras.io/examples/generative/vq_vae) reimplemented in PyTorch: two
@@ -227,7 +228,7 @@ def run_oasisvq(name: str, budgets: list[float], batch_size: int, threads: int, 
         # each later budget resumes the run (the cosine schedule then stretches to the new budget)
         train(cfg, out_dir, resume=i > 0, overwrite=i == 0, cache_dir=cache_dir, progress=False)
         model, _ = load_model(out_dir, "last")
-        ssims[budget] = _held_out_ssim(lambda x: model.decode_indices(model.encode(x)), model, test)
+        ssims[budget] = _held_out_ssim(lambda x, m=model: m.decode_indices(m.encode(x)), model, test)
     model, _ = load_model(out_dir, "last")
     with open(Path(out_dir) / "metrics.csv", newline="") as f:
         ips = float(list(csv.DictReader(f))[-1]["images_per_s"])
@@ -249,6 +250,67 @@ def _in_process(target, *args) -> dict | None:
     return q.get()
 
 
+# ------------------------------------------------------------------------------------------- prior sampling
+
+
+class _TokensOnly:
+    """Stands in for MONAI's VQVAE inside VQVAETransformerInferer.sample so that only the prior's token
+    sampling is timed (the decoder is timed for nobody)."""
+
+    def __init__(self, num_codes: int):
+        self.num_embeddings = num_codes
+
+    def decode_samples(self, latent):
+        return latent
+
+
+def _best_of_threads(fn, threads: int) -> tuple[float, int, dict[int, float]]:
+    """Seconds of fn() at 1 thread and at `threads`: autoregressive sampling is many tiny ops, and which
+    count is faster depends on the model; each model gets its faster one."""
+    times = {}
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        t0 = time.perf_counter()
+        fn()
+        times[t] = time.perf_counter() - t0
+    best = min(times, key=times.get)
+    return times[best], best, times
+
+
+def sampling_speed(n: int, grid: int, num_codes: int, threads: int, monai_n: int) -> list[dict]:
+    """Seconds to sample n code grids of grid x grid from priors of equal size (oasisvq defaults: 4 layers,
+    width 128, 4 heads) with random weights: the time does not depend on what a prior has learned."""
+    from oasisvq.models.priors import PriorConfig, build_prior
+
+    rows = []
+    for kind in ("transformer", "pixelcnn"):
+        torch.manual_seed(0)
+        prior = build_prior(PriorConfig(kind=kind), num_codes, (grid, grid)).eval()
+        count = n if kind == "transformer" else max(1, n // 8)  # PixelCNN: a few grids say its rate
+        with torch.no_grad():
+            s, t, times = _best_of_threads(lambda p=prior, k=count: p.sample(k, (grid, grid)), threads)
+        rows.append({"model": f"oasisvq {kind}" + (" (KV cache)" if kind == "transformer" else ""),
+                     "n": count, "seconds": s, "threads": t, "times": times})
+    try:
+        from monai.inferers import VQVAETransformerInferer
+        from monai.networks.nets import DecoderOnlyTransformer
+        from monai.utils.ordering import Ordering, OrderingType
+    except ImportError:
+        print("MONAI sampling skipped: `import monai` failed")
+        return rows
+    cfg = PriorConfig()
+    torch.manual_seed(0)
+    tf = DecoderOnlyTransformer(num_tokens=num_codes + 1, max_seq_len=grid * grid + 1, attn_layers_dim=cfg.width,
+                                attn_layers_depth=cfg.layers, attn_layers_heads=cfg.heads).eval()
+    order = Ordering(ordering_type=OrderingType.RASTER_SCAN.value, spatial_dims=2, dimensions=(1, grid, grid))
+    start = torch.full((monai_n, 1), num_codes)
+    s, t, times = _best_of_threads(lambda: VQVAETransformerInferer().sample(
+        (grid, grid), start, _TokensOnly(num_codes), tf, order, verbose=False), threads)
+    rows.append({"model": "MONAI DecoderOnlyTransformer + VQVAETransformerInferer", "n": monai_n, "seconds": s,
+                 "threads": t, "times": times})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (used when --checkpoints is not given)")
@@ -258,7 +320,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench-peers"))
+    p.add_argument("--sampling", type=int, default=0, metavar="N",
+                   help="instead of training: time sampling N code grids (32x32, 512 codes) from each prior")
+    p.add_argument("--monai-samples", type=int, default=4, help="grids for MONAI's (uncached) sampler")
     a = p.parse_args()
+    if a.sampling:
+        rows = sampling_speed(a.sampling, 32, 512, a.threads, a.monai_samples)
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        print(f"\nmachine: {machine}; prior sampling only (decoding excluded), 32x32 grids, 512 codes, random "
+              f"weights, 4 layers / width 128 / 4 heads")
+        print("| prior | grids | seconds (best) | grids/s | seconds per thread count |\n|---|---|---|---|---|")
+        for r in rows:
+            per = ", ".join(f"{t} thr: {v:.1f}" for t, v in r["times"].items())
+            print(f"| {r['model']} | {r['n']} | {r['seconds']:.1f} | {r['n'] / r['seconds']:.3f} | {per} |")
+        ours = rows[0]["n"] / rows[0]["seconds"]
+        for r in rows[1:]:
+            print(f"oasisvq transformer / {r['model']}: {ours / (r['n'] / r['seconds']):.1f}x grids/s")
+        return
+
     if not (DATA / "oasis1_t88_axial").is_dir() or not (DATA / "oasis1_mni_volumes").is_dir():
         raise SystemExit(f"benchmark skipped: real data not found under {DATA} (set OASISVQ_SHARED_DATA)")
     budgets = sorted(float(b) for b in a.checkpoints.split(",")) if a.checkpoints else [a.minutes]
@@ -271,7 +350,7 @@ def main() -> None:
     r = _in_process(run_oasisvq, "oasisvq", budgets, a.batch_size, a.threads, a.cache_dir, str(a.out / "oasisvq"))
     if r:
         results.append(r)
-    for peer in a.peers.split(","):
+    for peer in [p for p in a.peers.split(",") if p]:
         if peer == "monai":
             try:
                 import monai  # noqa: F401
