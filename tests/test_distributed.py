@@ -55,6 +55,22 @@ def _signal_self(rank: int, signal_at: tuple[int, int] | None, steps_done: int) 
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _record_steps(model, states: list, losses: list, loss_of, rank: int, signal_at) -> None:
+    """Hooks on a model that record its state before every training forward and the loss of each."""
+
+    def pre(module, args):
+        if module.training:
+            states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    def post(module, args, output):
+        if module.training:
+            losses.append(loss_of(args, output))
+            _signal_self(rank, signal_at, len(losses))
+
+    model.register_forward_pre_hook(pre)
+    model.register_forward_hook(post)
+
+
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: str, record: str,
             signal_at: tuple[int, int] | None = None) -> None:
     """One rank: train with hooks that record (state before each step, loss of each step, final state)."""
@@ -66,18 +82,8 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: s
 
     def init(self, *a, **kw):
         orig_init(self, *a, **kw)
-
-        def pre(module, args):
-            if module.training:
-                states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-
-        def post(module, args, output):
-            if module.training:
-                losses.append(float(output[1]["loss"].detach()))
-                _signal_self(rank, signal_at, len(losses))
-
-        self.model.register_forward_pre_hook(pre)
-        self.model.register_forward_hook(post)
+        _record_steps(self.model, states, losses, lambda args, out: float(out[1]["loss"].detach()), rank,
+                      signal_at)
 
     def run(self, resume):
         result = orig_run(self, resume)
@@ -223,18 +229,8 @@ def _prior_worker(rank: int, world: int, port: int, run_dir: str, batch_size: in
 
     def init(self, *a, **kw):
         orig_init(self, *a, **kw)
-
-        def pre(module, args):
-            if module.training:
-                states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-
-        def post(module, args, output):
-            if module.training:
-                losses.append(float(torch.nn.functional.cross_entropy(output.float(), args[0])))
-                _signal_self(rank, signal_at, len(losses))
-
-        self.model.register_forward_pre_hook(pre)
-        self.model.register_forward_hook(post)
+        _record_steps(self.model, states, losses,
+                      lambda args, out: float(torch.nn.functional.cross_entropy(out.float(), args[0])), rank, signal_at)
 
     sampling._PriorTrainer.__init__ = init
     stopped, result = "", {}
