@@ -202,7 +202,7 @@ class _PriorTrainer:
     def __init__(self, run_dir: Path, kind: str, epochs: int | None, max_minutes: float, resume: bool,
                  overwrite: bool, device: str, cache_dir, progress: bool, val_grids: int, options: dict,
                  rank: int, world: int, local_rank: int):
-        from .training import autocast_for, pick_device
+        from .training import autocast_for, pick_device, wrap_ddp
 
         self.run_dir, self.kind, self.resume, self.progress = run_dir, kind, resume, progress
         self.rank, self.world = rank, world
@@ -276,12 +276,7 @@ class _PriorTrainer:
             self.model.init_from_codebook(vq.quantizer.codebook)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
         self.amp, _ = autocast_for(dev, True)
-        self.ddp = None
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                               broadcast_buffers=False)  # buffers are fixed masks
+        self.ddp = wrap_ddp(self.model, dev) if world > 1 else None
 
         self.epoch = self.step = self.step_in_epoch = 0
         self.elapsed, self.best = 0.0, math.inf

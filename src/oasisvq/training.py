@@ -102,6 +102,19 @@ def agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel that does not broadcast buffers before each forward: every rank already
+    holds the same buffers (the quantiser all-reduces its EMA statistics; the priors' are fixed masks)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch >= 2.13 renames the switch; both leave init-time buffers alone or identical.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
 # ---------------------------------------------------------------------------------------------- run dir
 
 
@@ -322,13 +335,8 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.ddp = None
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # The quantiser synchronises its own buffers (all-reduced EMA statistics).
-            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+        # The quantiser synchronises its own buffers (all-reduced EMA statistics).
+        self.ddp = wrap_ddp(self.model, device) if world > 1 else None
         self.global_batch = cfg.train.batch_size * world
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch if cfg.train.epochs > 0 else 0
