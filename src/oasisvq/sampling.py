@@ -52,7 +52,7 @@ from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
 
 METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
 CODES_FILE = "codes.safetensors"
-WARMUP_STEPS = 100  # linear learning-rate warm-up, then a constant rate
+WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 bits/code in a 130-step demo prior)
 SAVE_EVERY_S = 600  # mid-epoch checkpoint interval
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
