@@ -311,6 +311,10 @@ def sampling_speed(n: int, grid: int, num_codes: int, threads: int, monai_n: int
     return rows
 
 
+def _machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (used when --checkpoints is not given)")
@@ -326,7 +330,7 @@ def main() -> None:
     a = p.parse_args()
     if a.sampling:
         rows = sampling_speed(a.sampling, 32, 512, a.threads, a.monai_samples)
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        machine = _machine()
         print(f"\nmachine: {machine}; prior sampling only (decoding excluded), 32x32 grids, 512 codes, random "
               f"weights, 4 layers / width 128 / 4 heads")
         print("| prior | grids | seconds (best) | grids/s | seconds per thread count |\n|---|---|---|---|---|")
@@ -362,7 +366,7 @@ def main() -> None:
         if r:
             results.append(r)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = _machine()
     print(f"\nmachine: {machine}; {SIZE}x{SIZE} slices, 64x64 code grid, batch {a.batch_size}, "
           f"budgets {budgets} min of training time")
     cols = ["model", "params", "codes", "train img/s"] + [f"SSIM @{b:g} min" for b in budgets] + \

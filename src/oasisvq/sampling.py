@@ -202,9 +202,9 @@ class _PriorTrainer:
     def __init__(self, run_dir: Path, kind: str, epochs: int | None, max_minutes: float, resume: bool,
                  overwrite: bool, device: str, cache_dir, progress: bool, val_grids: int, options: dict,
                  rank: int, world: int, local_rank: int):
-        from .training import autocast_for, pick_device, wrap_ddp
+        from .training import autocast_for, pick_device, resume_position, wrap_ddp
 
-        self.run_dir, self.kind, self.resume, self.progress = run_dir, kind, resume, progress
+        self.run_dir, self.kind, self.progress = run_dir, kind, progress
         self.rank, self.world = rank, world
         self.pdir = pdir = prior_dir(run_dir, kind)
         last_path = pdir / "last.safetensors"
@@ -239,7 +239,8 @@ class _PriorTrainer:
             cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes, **options)
         cfg.validate()
         self.cfg = cfg
-        if resume and saved.get("vqvae") != _fingerprint(run_dir) and rank == 0:
+        fingerprint = _fingerprint(run_dir)
+        if resume and saved.get("vqvae") != fingerprint and rank == 0:
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=3)
 
@@ -286,24 +287,16 @@ class _PriorTrainer:
             optimizer_from_tensors(self.opt, saved_t, saved["optimizer"])
             set_rng_state(saved_t)
             self.epoch, self.step, self.step_in_epoch = saved["epoch"], saved["step"], saved["step_in_epoch"]
-            self._adopt_position(int(saved.get("global_batch", cfg.batch_size)))
+            self.epoch, self.step_in_epoch, self.step = resume_position(
+                self.epoch, self.step_in_epoch, self.step, len(self.train_codes),
+                int(saved.get("global_batch", cfg.batch_size)), self.global_batch)
             self.elapsed, self.best = saved["elapsed_s"], saved["best_val_bits"]
             if (pdir / "metrics.csv").is_file():
                 with open(pdir / "metrics.csv", newline="") as f:
                     self.rows = list(csv.DictReader(f))[: saved["metrics_rows"]]
         self.meta_base = {"kind": "prior", "prior_config": dataclasses.asdict(cfg), "num_codes": vq.cfg.num_codes,
-                          "grid": list(grid), "vqvae": _fingerprint(run_dir), "class_counts": class_counts,
+                          "grid": list(grid), "vqvae": fingerprint, "class_counts": class_counts,
                           "image_size": run_cfg.data.size, "global_batch": self.global_batch, "world_size": world}
-
-    def _adopt_position(self, saved_global_batch: int) -> None:
-        """A checkpoint from another number of processes continues after the same number of grids of its
-        epoch, with the step count in this run's steps."""
-        if saved_global_batch == self.global_batch:
-            return
-        self.step_in_epoch = self.step_in_epoch * saved_global_batch // self.global_batch
-        if self.step_in_epoch >= self.n_batches:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.step = self.epoch * self.n_batches + self.step_in_epoch
 
     def save(self, name: str, full: bool) -> None:
         if self.rank != 0:
@@ -325,16 +318,14 @@ class _PriorTrainer:
 
     def _end_epoch_row(self, train_loss_sum: float, n: int, lr: float) -> None:
         """All ranks: the mean train loss over ranks; rank 0: validation, the metrics row and checkpoints."""
-        loss = torch.tensor([train_loss_sum / n], dtype=torch.float64,
-                            device=self.dev if self.dev.type == "cuda" else None)
-        if self.world > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= self.world
+        from .training import mean_over_ranks
+
+        loss = mean_over_ranks({"loss": train_loss_sum / n}, self.dev)["loss"]
         if self.rank == 0:
             val = bits_per_code(self.model, self.val_codes, self.val_cond, self.dev, self.cfg.batch_size)
             self.rows.append({"epoch": round(self.epoch + self.step_in_epoch / self.n_batches, 4), "step": self.step,
                               "time_s": round(self.elapsed, 2), "lr": lr,
-                              "train_bits": float(loss) / math.log(2), "val_bits": val})
+                              "train_bits": loss / math.log(2), "val_bits": val})
             if val < self.best:
                 self.best = val
                 self.save("best", full=False)

@@ -102,6 +102,32 @@ def agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each value over all ranks (the values themselves in one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(values, t)}
+
+
+def resume_position(epoch: int, step_in_epoch: int, step: int, n_items: int, saved_global_batch: int,
+                    global_batch: int) -> tuple[int, int, int]:
+    """A checkpoint's data position (epoch, step in epoch, step) made this run's. A checkpoint written at
+    the end of an epoch (before the loop moved on) continues with the next epoch; one written by another
+    number of processes (another global batch) continues after the same number of items of its epoch,
+    with the step count (which drives learning-rate schedules and epoch budgets) in this run's steps."""
+    if step_in_epoch >= n_items // saved_global_batch:
+        epoch, step_in_epoch = epoch + 1, 0
+    if saved_global_batch != global_batch:
+        steps_per_epoch = n_items // global_batch
+        step_in_epoch = step_in_epoch * saved_global_batch // global_batch
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        step = epoch * steps_per_epoch + step_in_epoch
+    return epoch, step_in_epoch, step
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel that does not broadcast buffers before each forward: every rank already
     holds the same buffers (the quantiser all-reduces its EMA statistics; the priors' are fixed masks)."""
@@ -382,25 +408,14 @@ class _Trainer:
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.epoch, self.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
-        self._adopt_position(int(meta.get("global_batch", self.global_batch)))
+        self.epoch, self.step_in_epoch, self.step = resume_position(
+            self.epoch, self.step_in_epoch, self.step, len(self.train_set),
+            int(meta.get("global_batch", self.global_batch)), self.global_batch)
         self.elapsed, self.best = meta["elapsed_s"], meta["best_val_ssim"]
         # Rows written after the checkpoint (by a run killed later) belong to steps about to be redone.
         if (self.out / "metrics.csv").is_file():
             with open(self.out / "metrics.csv", newline="") as f:
                 self.rows = list(csv.DictReader(f))[: meta["metrics_rows"]]
-
-    def _adopt_position(self, saved_global_batch: int) -> None:
-        """Make a checkpoint's data position this run's. A checkpoint written at the end of an epoch
-        (before the loop moved on) continues with the next epoch; one written by another number of
-        processes (another global batch) continues after the same number of slices of its epoch, with the
-        step count (which drives the learning-rate schedule and the epoch budget) in this run's steps."""
-        if self.step_in_epoch >= len(self.train_set) // saved_global_batch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        if saved_global_batch != self.global_batch:
-            self.step_in_epoch = self.step_in_epoch * saved_global_batch // self.global_batch
-            if self.step_in_epoch >= self.steps_per_epoch:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.step = self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _write_metrics(self) -> None:
         if self.rank != 0:
@@ -428,13 +443,6 @@ class _Trainer:
         if self.cfg.train.augment:
             x = augment_batch(x, self.aug_gen)
         return x.contiguous(memory_format=torch.channels_last)
-
-    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(values, t)}
 
     def run(self, resume: bool) -> dict:
         if resume:
@@ -480,7 +488,7 @@ class _Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                     self.opt.step()
                 for k in ("loss", "recon", "ssim", "perplexity", "usage"):
-                    if k in losses:  # summed on the device: no host sync per step
+                    if k in losses:  # summed on the device: the finiteness check is the step's one host sync
                         acc[k] = acc.get(k, 0.0) + losses[k].detach().float()
                 n_acc += 1
                 self.step += 1
@@ -534,7 +542,7 @@ class _Trainer:
                 f"nothing was written and the last good checkpoint is kept in {self.out / 'checkpoints'}. "
                 f"Likely cause: learning rate too high (train.lr = {self.cfg.train.lr}); lower it and run "
                 f"again with --resume")
-        train_stats = self._reduce({k: float(v) / max(n_acc, 1) for k, v in acc.items()})
+        train_stats = mean_over_ranks({k: float(v) / max(n_acc, 1) for k, v in acc.items()}, self.device)
         row = {"step": self.step, "epoch": self.epoch, "time_s": round(self.elapsed, 2), "lr": lr,
                "train_loss": train_stats.get("loss"), "train_recon": train_stats.get("recon"),
                "train_ssim": train_stats.get("ssim"), "perplexity": train_stats.get("perplexity"),
