@@ -17,7 +17,8 @@ from pathlib import Path
 
 from oasisvq.checkpoint import load_checkpoint
 from oasisvq.errors import OasisVQError
-from oasisvq.sampling import evaluate_sample_dir, prior_dir, sample, train_prior
+from oasisvq.evaluation import evaluate_sample_dir
+from oasisvq.sampling import prior_dir, sample, train_prior
 
 
 def _row(label: str, values: list, floor=None, fmt: str = "{:.4g}") -> str:

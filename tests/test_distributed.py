@@ -223,7 +223,8 @@ def _prior_worker(rank: int, world: int, port: int, run_dir: str, batch_size: in
     from .test_sampling import _slices
 
     data = _slices((24, 6, 6))
-    sampling._run_slices = lambda run_cfg, cache_dir, progress: data
+    import oasisvq.data
+    oasisvq.data.load_slices = lambda *a, **kw: data
     states, losses = [], []
     orig_init = sampling._PriorTrainer.__init__
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from oasisvq.config import ModelConfig
-from oasisvq.generation_metrics import (
+from oasisvq.evaluation.generation import (
     FEATURES_VERSION,
     anatomy_stats,
     evaluate_samples,

@@ -14,6 +14,7 @@ from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.config import DataConfig, ModelConfig, RunConfig
 from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError, DataError
+from oasisvq.evaluation import evaluate_sample_dir
 from oasisvq.models import VQVAE
 
 SIZE = 32
@@ -56,7 +57,7 @@ def make_run(run_dir):
 def run(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path / "run")
     data = _slices()
-    monkeypatch.setattr(sampling, "_run_slices", lambda run_cfg, cache_dir, progress: data)
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
     return run_dir
 
 
@@ -138,7 +139,7 @@ def test_conditional_prior_and_sample_metrics(run, tmp_path):
     mixed = sampling.sample(run, "transformer", n=6, out=tmp_path / "m", seed=0, progress=False)
     assert all(0 <= c < 3 for c in mixed["classes"])
 
-    report = sampling.evaluate_sample_dir(run, tmp_path / "m", progress=False)
+    report = evaluate_sample_dir(run, tmp_path / "m", progress=False)
     saved = json.loads((tmp_path / "m" / "samples_metrics.json").read_text())
     assert saved["n_samples"] == 6 and saved["heldout_split"] == "test"
     assert report["samples_per_second"] == pytest.approx(mixed["samples_per_second"])
@@ -159,7 +160,7 @@ def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
     data = _slices((40, 6, 6))  # at least one batch of the default prior batch size (32)
-    monkeypatch.setattr(sampling, "_run_slices", lambda run_cfg, cache_dir, progress: data)
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
     spec = importlib.util.spec_from_file_location("bench_generation", path)
     bench = importlib.util.module_from_spec(spec)

@@ -178,7 +178,7 @@ def cmd_sample(a) -> int:
 
 
 def cmd_evaluate_samples(a) -> int:
-    from .sampling import evaluate_sample_dir
+    from .evaluation import evaluate_sample_dir
 
     m = evaluate_sample_dir(a.run, a.samples, split=a.split, max_real=a.max_real,
                             copy_threshold=a.copy_threshold, device=a.device, cache_dir=a.cache_dir,

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -147,9 +146,9 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
              device: str = "auto", samples: int = 32, overwrite: bool = False, seed: int = 0,
              progress: bool = True) -> dict:
     """Data -> VQ-VAE -> held-out SSIM -> prior -> samples -> generation metrics -> report, in ``minutes``."""
-    from .evaluation import evaluate
-    from .report import write_report
-    from .sampling import evaluate_sample_dir, sample, train_prior
+    from .evaluation import evaluate, evaluate_sample_dir
+    from .report import machine_description, write_report
+    from .sampling import sample, train_prior
     from .training import pick_device, train
 
     if minutes <= 0:
@@ -242,13 +241,3 @@ def _headline_generation(g: dict) -> str:
     if "copies" in mem:
         parts.append(f"{mem['copies']} near-copies of training slices")
     return ", ".join(parts) or json.dumps(g)[:200]
-
-
-def machine_description(dev: torch.device | None = None) -> str:
-    import os
-
-    text = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, " \
-           f"torch {torch.__version__}"
-    if dev is not None and dev.type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(dev)}"
-    return text

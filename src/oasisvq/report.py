@@ -12,11 +12,14 @@ import base64
 import csv
 import html
 import json
+import os
+import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .checkpoint import atomic_write_text
@@ -190,7 +193,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
             d.figure(real, "Real held-out test slices, for comparison.")
     if gen:
         fid, div, mem = gen["fidelity"], gen["diversity"], gen["memorisation"]
-        d.p(f"Features: {gen['features_version']} (defined by oasisvq; see generation_metrics.py). "
+        d.p(f"Features: {gen['features_version']} (defined by oasisvq; see evaluation/generation.py). "
             f"{gen['n_samples']} samples against {gen['n_real_heldout']} real held-out slices.")
         rows = [["Frechet distance", fid["frechet"], fid["frechet_floor"]],
                 ["KID", fid["kid"], fid["kid_floor"]],
@@ -211,7 +214,6 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
                 [["total", demo_info.get("total_s", float("nan"))]])
         d.p(f"Machine: {demo_info.get('machine', 'unknown')}.")
     else:
-        from .demo import machine_description
 
         d.p(f"Report written on: {machine_description()}.")
 
@@ -247,3 +249,11 @@ def _real_grid(cfg: RunConfig, run_dir: Path, path: Path, slice_grid) -> Path | 
 def _cache_of(run_dir: Path) -> Path | None:
     cache = run_dir.parent / "cache"
     return cache if cache.is_dir() else None
+
+
+def machine_description(dev: torch.device | None = None) -> str:
+    text = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, " \
+           f"torch {torch.__version__}"
+    if dev is not None and dev.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(dev)}"
+    return text

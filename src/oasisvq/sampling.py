@@ -47,7 +47,6 @@ from .checkpoint import (
     set_rng_state,
 )
 from .errors import CheckpointError, ConfigError, DataError
-from .generation_metrics import evaluate_samples
 from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
 
 METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
@@ -77,9 +76,9 @@ def _open_run(run_dir: Path | str, device: torch.device):
 
 
 def _run_slices(run_cfg, cache_dir, progress: bool):
-    from .data import load_slices
+    from . import data  # looked up at call time: tests stand in their own slices
 
-    return load_slices(run_cfg.data, cache_dir, progress=progress)
+    return data.load_slices(run_cfg.data, cache_dir, progress=progress)
 
 
 def _fingerprint(run_dir: Path) -> str:
@@ -509,63 +508,3 @@ def sample(run_dir: Path | str, prior: str = "transformer", n: int = 16, out: Pa
             "seconds": seconds, "samples_per_second": n / seconds}
     atomic_write_text(out / "samples.json", json.dumps(info, indent=2) + "\n")
     return info
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-class _LazySlices:
-    """Array-like view of a SliceSet that reads slices only when indexed (train sets can be large)."""
-
-    def __init__(self, slices):
-        self.slices = slices
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.slices.uint8(np.arange(len(self))[i])
-        return self.slices.uint8([int(i)])[0]
-
-
-def read_sample_pngs(samples_dir: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The sample PNGs of a folder written by :func:`sample` (uint8 N x H x W) and its samples.json."""
-    from .data import read_png
-
-    samples_dir = Path(samples_dir)
-    info_path = samples_dir / "samples.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    names = info.get("files") or sorted(p.name for p in samples_dir.glob("sample_*.png"))
-    if not names:
-        raise DataError(f"{samples_dir}: no sample PNGs (sample_*.png) found")
-    paths = [samples_dir / n for n in names]
-    for p in paths:
-        if p.resolve().parent != samples_dir.resolve():
-            raise DataError(f"{info_path}: file name {p.name!r} escapes the samples folder")
-    return np.stack([read_png(p) for p in paths]), info
-
-
-def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str = "test",
-                        max_real: int = 1000, copy_threshold: float = 0.95, device: str = "auto",
-                        cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True
-                        ) -> dict[str, Any]:
-    """Generation metrics of the samples in ``samples_dir`` against the run's ``split`` slices (at most
-    ``max_real``, a seeded subset) and its training slices; written to ``samples_dir/samples_metrics.json``."""
-    from .training import pick_device
-
-    samples, info = read_sample_pngs(samples_dir)
-    dev = pick_device(device)
-    vq, run_cfg = _open_run(run_dir, dev)
-    slices = _run_slices(run_cfg, cache_dir, progress)
-    held = slices.split(split)
-    if samples.shape[1:] != tuple(held.shape):
-        raise DataError(f"{samples_dir}: samples are {samples.shape[1:]} but the run's slices {tuple(held.shape)}")
-    pick = np.sort(np.random.default_rng(seed).permutation(len(held))[:max_real])
-    report = evaluate_samples(samples, held.uint8(pick), _LazySlices(slices.split("train")), vq,
-                              copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),
-                              seed=seed)
-    report["heldout_split"] = split
-    report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "device")}
-    atomic_write_text(Path(samples_dir) / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
-    return report

@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, atomic_write_bytes, atomic_write_csv, atomic_write_text
-from .config import DataConfig
-from .data import fit_to_size, load_slices, load_volume, read_png, scale_robust, volume_slices
-from .errors import DataError
-from .metrics import down_up, reconstruction_metrics, summarize
-from .training import load_model, pick_device
+from ..checkpoint import atomic_write, atomic_write_bytes, atomic_write_csv, atomic_write_text
+from ..config import DataConfig
+from ..data import fit_to_size, load_slices, load_volume, read_png, scale_robust, volume_slices
+from ..errors import DataError
+from ..metrics import down_up, reconstruction_metrics, summarize
+from ..training import load_model, pick_device
 
 PER_SLICE_KEYS = ["ssim", "psnr", "mae", "ssim_head", "psnr_head", "mae_head"]
 
@@ -101,7 +101,7 @@ def _best_median_worst(ssims: dict[int, float]) -> list[int]:
 
 def _figures(out: Path, rows: list[dict], pick: list[int], original: np.ndarray, recon: np.ndarray, metrics: dict,
              f: int) -> None:
-    from .figures import histogram, reconstruction_grid
+    from ..figures import histogram, reconstruction_grid
 
     titles = [f"{label}: SSIM {rows[i]['ssim']:.3f} ({rows[i]['subject']})" for label, i in
               zip(("best", "median", "worst"), pick)]

@@ -1,0 +1,6 @@
+"""Evaluation: reconstruction metrics of a VQ-VAE and generation metrics of sampled slices."""
+
+from .generation import evaluate_sample_dir, evaluate_samples, read_sample_pngs
+from .reconstruction import evaluate, reconstruct
+
+__all__ = ["evaluate", "evaluate_sample_dir", "evaluate_samples", "read_sample_pngs", "reconstruct"]
