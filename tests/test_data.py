@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,7 @@ from oasisvq.data import (
     inspect,
     load_slices,
     load_volume,
+    png_levels,
     slice_volume,
     subject_of,
 )
@@ -64,6 +66,7 @@ def test_keras_sample_pairs_images_with_masks(cache_dir):
     assert np.array_equal(labels * 85, seg)
     with pytest.raises(DataError, match="'validate' split has no slices"):
         ss.split("validate")
+    assert np.isnan(ss.position).all()  # one slice per subject here: no level to tell
 
 
 def test_real_volumes_slice_by_subject(cache_dir):
@@ -91,6 +94,7 @@ def test_t88_split_folders_keep_their_split(cache_dir):
     ss = load_slices(_cfg(root), cache_dir=cache_dir)
     assert ss.summary() == {"train": {"slices": 120, "subjects": 120}, "validate": {"slices": 20, "subjects": 20},
                             "test": {"slices": 20, "subjects": 20}}
+    assert np.isnan(ss.position).all()  # names carry no slice number
 
 
 # -------------------------------------------------------------------------------------- orientation, ids
@@ -135,6 +139,70 @@ def test_splits_are_by_subject_and_deterministic():
     assert all(len(v) == 1 for v in by_subject.values())
     counts = {s: sum(1 for v in by_subject.values() if s in v) for s in ("train", "validate", "test")}
     assert counts == {"train": 16, "validate": 2, "test": 2}
+
+
+# -------------------------------------------------------------------------------------------- PNG levels
+
+
+def _keras_set(root, cases):
+    """A keras-layout folder: ``cases`` maps case number -> (split, slice count)."""
+    for case, (split, n) in cases.items():
+        for k in range(n):
+            _png(root / f"keras_png_slices_{split}" / f"case_{case:03d}_slice_{k}.nii.png", np.full((16, 16), 10 * k))
+
+
+def test_keras_png_slices_carry_their_level(tmp_path, cache_dir):
+    _keras_set(tmp_path, {1: ("train", 5), 2: ("test", 5), 3: ("validate", 1)})
+    ss = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)
+    for case in ("case_001", "case_002"):
+        sel = ss.subjects == case
+        order = np.argsort(ss.slice_numbers[sel])
+        assert ss.position[sel][order].tolist() == [0, 0.25, 0.5, 0.75, 1]
+        # the level belongs to the slice it came from
+        assert (ss.images[sel][order][:, 8, 8] == 10 * np.arange(5)).all()
+    assert np.isnan(ss.position[ss.subjects == "case_003"]).all()  # a lone slice has no known level
+    assert inspect(tmp_path, DataConfig(size=16), cache_dir=cache_dir)["slices_with_position"] == 10
+
+
+def test_png_levels_across_splits_and_layouts():
+    from oasisvq.data import SourceFile
+
+    # one subject's slices split over two folders count together; unnumbered names and volumes stay NaN
+    files = [SourceFile(Path(f"case_7_slice_{k}.nii.png"), "png", s, "case_7") for k, s in
+             [(2, "test"), (0, "train"), (1, "train")]]
+    files += [SourceFile(Path("train-NAL013_t88_tra.png"), "png", "train", "train-NAL013_t88_tra"),
+              SourceFile(Path("sub-0001_slice_3.nii.gz"), "volume", None, "OAS1_0001")]
+    assert png_levels(files)[:3] == [1.0, 0.0, 0.5]
+    assert np.isnan(png_levels(files)[3:]).all()
+    # missing slices never push a level past 1
+    gappy = [SourceFile(Path(f"a_slice_{k}.png"), "png", None, "a") for k in (0, 5, 9)]
+    assert png_levels(gappy) == [0.0, 5 / 9, 1.0]
+
+
+def test_t88_like_names_keep_nan(tmp_path, cache_dir):
+    for split in ("train", "validate", "test"):
+        for code in ("NAL013", "YAL020"):
+            _png(tmp_path / split / f"{split}-{code}_t88_tra.png", np.full((16, 16), 50))
+    ss = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)
+    assert len(ss) == 6 and np.isnan(ss.position).all()
+    assert inspect(tmp_path, DataConfig(size=16), cache_dir=cache_dir)["slices_with_position"] == 0
+
+
+def test_cache_without_levels_is_rebuilt(tmp_path, cache_dir, monkeypatch):
+    """A cache written before PNG levels existed (version 1, NaN positions) is not reused."""
+    from oasisvq import data
+
+    _keras_set(tmp_path, {1: ("train", 3)})
+    with monkeypatch.context() as m:
+        m.setattr(data, "CACHE_VERSION", 1)
+        m.setattr(data, "png_levels", lambda files: [np.nan] * len(files))
+        old = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)
+    assert np.isnan(old.position).all()
+    new = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)
+    assert len(list(cache_dir.iterdir())) == 2 and new.index["version"] == data.CACHE_VERSION
+    assert sorted(new.position.tolist()) == [0, 0.5, 1]
+    again = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)  # and the levels survive the cache
+    assert isinstance(again._images, np.memmap) and sorted(again.position.tolist()) == [0, 0.5, 1]
 
 
 # ------------------------------------------------------------------------------------------------- cache

@@ -10,7 +10,8 @@ Layouts (detected from the folder):
   FreeSurfer .mgz, read with nibabel, reoriented to RAS, sliced along an axis, robustly scaled to [0, 1]
   per volume and padded (or resized) to the training size; split here by subject.
 
-Every slice records its subject, source file, slice number, split and relative position in its volume.
+Every slice records its subject, source file, slice number, split and relative position in its volume
+(PNG slices named ``..._slice_K`` get K over their subject's slice count; other PNG slices get NaN).
 The first load of a set of sources writes a cache (uint8 memory-mapped slices plus a JSON index) keyed by
 a hash of the files and the settings; later loads map it in without decoding anything.
 """
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: PNG slices named ..._slice_K carry a position (v1 caches hold NaN)
 SPLITS = ("train", "validate", "test")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mgz")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validate": "validate", "validation": "validate",
@@ -45,6 +46,7 @@ _SUBJECT_PATTERNS = [
     (re.compile(r"(?:case|seg)_(\d+)"), "case_{}"),  # keras PNG set: its own case numbering
 ]
 _FOREGROUND = 0.05  # intensity (in [0, 1]) above which a pixel counts as head
+_SLICE_NUMBER = re.compile(r"slice_?(\d+)")
 
 
 def subject_of(path: Path | str) -> str:
@@ -239,6 +241,25 @@ def discover(path: Path | str, image_pattern: str = "") -> Discovery:
     )
 
 
+def _slice_number(path: Path) -> int | None:
+    m = _SLICE_NUMBER.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def png_levels(files: list[SourceFile]) -> list[float]:
+    """Relative position in [0, 1] of each PNG slice named ``..._slice_K`` of one source: K over the number of
+    its subject's slices found there, all split folders together (a subject sits in one split). NaN for
+    volumes (they get theirs when sliced), unnumbered names and a subject's only slice (no level to tell)."""
+    nums = [_slice_number(f.path) if f.kind == "png" else None for f in files]
+    found: dict[str, set[int]] = {}
+    for f, k in zip(files, nums):
+        if k is not None:
+            found.setdefault(f.subject, set()).add(k)
+    # K / (n - 1) as the official set numbers 0..n-1; max(K) keeps it in [0, 1] where slices are missing
+    return [k / max(len(found[f.subject]) - 1, max(found[f.subject]))
+            if k is not None and len(found[f.subject]) > 1 else np.nan for f, k in zip(files, nums)]
+
+
 def _nonempty(d: Discovery) -> Discovery:
     if not d.files:
         raise DataError(f"{d.root}: the {d.layout} layout was found but holds no PNG slices")
@@ -423,6 +444,7 @@ def open_cache(folder: Path) -> SliceSet:
 def _build_cache(discoveries: list[Discovery], cfg: DataConfig, final: Path, skip_bad: bool,
                  progress: bool) -> None:
     files = [f for d in discoveries for f in d.files]
+    levels = [x for d in discoveries for x in png_levels(d.files)]  # per source: needs all its files
     splits = assign_splits(files, cfg.split_fractions, cfg.seed)
     has_masks = any(f.mask is not None for f in files)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -437,10 +459,10 @@ def _build_cache(discoveries: list[Discovery], cfg: DataConfig, final: Path, ski
     n = 0
     try:
         with open(tmp / "images.u8", "wb") as fi, open(tmp / "masks.u8", "wb") as fm:
-            for f, split in tqdm(list(zip(files, splits)), desc="reading slices", unit="file",
-                                 disable=not progress, leave=False):
+            for f, split, level in tqdm(list(zip(files, splits, levels)), desc="reading slices", unit="file",
+                                        disable=not progress, leave=False):
                 try:
-                    imgs, mks, nums, pos, was_resized = _read_source(f, cfg)
+                    imgs, mks, nums, pos, was_resized = _read_source(f, cfg, level)
                 except DataError as e:
                     if not skip_bad:
                         raise
@@ -480,8 +502,9 @@ def _build_cache(discoveries: list[Discovery], cfg: DataConfig, final: Path, ski
         warnings.warn(w_, stacklevel=3)
 
 
-def _read_source(f: SourceFile, cfg: DataConfig):
-    """One source file -> (images, masks or None, slice numbers, positions, count resized)."""
+def _read_source(f: SourceFile, cfg: DataConfig, level: float = np.nan):
+    """One source file -> (images, masks or None, slice numbers, positions, count resized); ``level`` is a PNG
+    slice's position (from ``png_levels``)."""
     if f.kind == "volume":
         imgs, nums, pos = slice_volume(load_volume(f.path), cfg)
         zeros = np.zeros_like(imgs)
@@ -497,8 +520,7 @@ def _read_source(f: SourceFile, cfg: DataConfig):
         if m.shape != img.shape:
             raise DataError(f"{f.mask}: mask shape {m.shape} differs from its image {f.path} {img.shape}")
         mask = fit_to_size(m, cfg.size, nearest=True)
-    m_num = re.search(r"slice_?(\d+)", f.path.name)
-    return fitted[None], mask[None], [int(m_num.group(1)) if m_num else 0], [np.nan], resized
+    return fitted[None], mask[None], [_slice_number(f.path) or 0], [level], resized
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -506,7 +528,8 @@ def _read_source(f: SourceFile, cfg: DataConfig):
 
 def inspect(path: Path | str, cfg: DataConfig | None = None, grid_png: Path | str | None = None,
             cache_dir: Path | str | None = None, skip_bad: bool = False, progress: bool = True) -> dict:
-    """What a data folder holds: layout, subjects and slices per split, shape, intensity range, problems.
+    """What a data folder holds: layout, subjects and slices per split, shape, intensity range, how many
+    slices carry a position, problems.
 
     Writes a grid of sample slices to ``grid_png`` when given."""
     cfg = cfg or DataConfig()
@@ -526,7 +549,8 @@ def inspect(path: Path | str, cfg: DataConfig | None = None, grid_png: Path | st
         "intensity_min": int(sample.min()), "intensity_max": int(sample.max()),
         "intensity_mean": round(float(sample.mean()) / 255, 4),
         "head_fraction": round(float((sample > _FOREGROUND * 255).mean()), 4),
-        "masks": ss.has_masks, "problems": problems,
+        "masks": ss.has_masks, "slices_with_position": int(np.isfinite(ss.position).sum()),
+        "problems": problems,
     }
     if grid_png:
         from .figures import slice_grid
