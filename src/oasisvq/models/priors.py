@@ -1,15 +1,23 @@
-"""Autoregressive priors over VQ-VAE code grids: a gated PixelCNN and a small decoder-only transformer.
+"""Priors over VQ-VAE code grids: a gated PixelCNN, a decoder-only transformer and a MaskGIT.
 
-Both read a grid of code indices ``(N, h, w)`` in raster order (row by row, left to right) and share one
-interface:
+All read a grid of code indices ``(N, h, w)`` and share one interface:
 
-* ``forward(indices, cond=None) -> logits (N, K, h, w)``: the logits at position i depend only on the
-  codes before i (and on the class label ``cond``, when the prior is conditional);
-* ``sample(n, grid_hw, temperature=1.0, top_k=0, generator=None, cond=None) -> (n, h, w)`` long.
+* ``forward(indices, cond=None) -> logits (N, K, h, w)``. For the autoregressive priors (PixelCNN,
+  transformer) the logits at raster position i depend only on the codes before i (row by row, left to
+  right); MaskGIT is bidirectional and reads grids in which some codes are the ``[MASK]`` id;
+* ``loss(indices, cond=None) -> scalar``: the training loss, mean cross-entropy in nats over the codes
+  the prior predicts (all of them for the autoregressive priors, the masked ones for MaskGIT);
+* ``sample(n, grid_hw, temperature=1.0, top_k=0, generator=None, cond=None, guidance=1.0) -> (n, h, w)``.
 
-Sampling draws one uniform number per position from ``generator`` and inverts the cumulative
-distribution, so a seed fixes the result and the cached and uncached transformer paths consume the
-random stream identically.
+Conditional priors (``num_classes > 0``) take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
+is a learned null class ("no class"). In training mode each grid's class is replaced by the null class
+with probability ``cond_dropout``, so one network learns both p(codes | class) and p(codes) and sampling
+can use classifier-free guidance: ``l = l_uncond + guidance * (l_cond - l_uncond)``.
+
+Sampling draws its random numbers from ``generator`` only (one uniform per sampled code, inverting the
+cumulative distribution), so a seed fixes the result and the cached and uncached transformer paths
+consume the random stream identically. Training randomness (masking, condition dropout) comes from
+torch's global RNG, which the trainer saves and restores for an exact resume.
 """
 
 from __future__ import annotations
@@ -23,44 +31,48 @@ from torch import nn
 
 from ..errors import ConfigError
 
-PRIOR_KINDS = ("transformer", "pixelcnn")
-
 
 @dataclass
 class PriorConfig:
-    kind: str = "transformer"  # transformer | pixelcnn
+    kind: str = "transformer"  # a key of PRIOR_KINDS: transformer | pixelcnn | maskgit
     layers: int = 4
-    width: int = 128  # transformer embedding size / PixelCNN channels
-    heads: int = 4  # transformer only
-    num_classes: int = 0  # 0: unconditional; else cond is an int in [0, num_classes)
+    width: int = 128  # transformer / MaskGIT embedding size, PixelCNN channels
+    heads: int = 4  # transformer and MaskGIT
+    num_classes: int = 0  # 0: unconditional; else cond is an int in [0, num_classes], num_classes: none
     dropout: float = 0.0  # > 0 makes CPU attention fall back to a slow path (measured 5x per step)
+    cond_dropout: float = 0.1  # conditional priors: P(class -> null class) per training grid, for guidance
     lr: float = 1e-3
     batch_size: int = 32
     epochs: int = 10
     max_minutes: float = 0.0  # > 0: stop training after this much wall-clock time
     seed: int = 0
     kernel: int = 5  # PixelCNN only: kernel width (odd)
+    decode_steps: int = 12  # MaskGIT only: parallel decoding passes per sample
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
             raise ConfigError(f"prior kind must be one of {', '.join(PRIOR_KINDS)}, got {self.kind!r}")
-        for name in ("layers", "width", "heads", "batch_size"):
+        for name in ("layers", "width", "heads", "batch_size", "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prior.{name} must be positive, got {getattr(self, name)}")
-        if self.kind == "transformer" and self.width % self.heads:
-            raise ConfigError(f"prior.width {self.width} must be divisible by prior.heads {self.heads}")
-        if self.kind == "pixelcnn" and (self.kernel < 3 or self.kernel % 2 == 0):
-            raise ConfigError(f"prior.kernel must be an odd number >= 3, got {self.kernel}")
+        PRIOR_KINDS[self.kind].check_config(self)
         if self.num_classes < 0:
             raise ConfigError(f"prior.num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"prior.dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ConfigError(f"prior.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0:
             raise ConfigError(f"prior.lr must be positive, got {self.lr}")
         if self.epochs <= 0 and self.max_minutes <= 0:
             raise ConfigError("prior.epochs or prior.max_minutes must be positive")
         return self
+
+
+def _check_heads(cfg: PriorConfig) -> None:
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"prior.width {cfg.width} must be divisible by prior.heads {cfg.heads}")
 
 
 def _check_cond(cond: torch.Tensor | None, n: int, num_classes: int) -> None:
@@ -69,25 +81,50 @@ def _check_cond(cond: torch.Tensor | None, n: int, num_classes: int) -> None:
             raise ValueError("this prior is unconditional; cond must be None")
         return
     if cond is None:
-        raise ValueError(f"this prior is conditional; cond (N,) in [0, {num_classes}) is required")
+        raise ValueError(f"this prior is conditional; cond (N,) in [0, {num_classes}] is required "
+                         f"({num_classes}: the null class)")
     if cond.shape != (n,):
         raise ValueError(f"cond must have shape ({n},), got {tuple(cond.shape)}")
-    if n and (int(cond.min()) < 0 or int(cond.max()) >= num_classes):
-        raise ValueError(f"cond values must lie in [0, {num_classes})")
+    if n and (int(cond.min()) < 0 or int(cond.max()) > num_classes):
+        raise ValueError(f"cond values must lie in [0, {num_classes}] ({num_classes}: the null class)")
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
-          ) -> torch.Tensor:
-    """One code per row of ``logits (N, K)``, by inverse-CDF sampling with one uniform per row."""
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """``logits (N, K)`` scaled by 1 / temperature, all but the ``top_k`` largest set to -inf (0: keep all)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def _inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One code per row of ``logits (N, K)``, by inverse-CDF sampling with one uniform per row."""
     cdf = torch.softmax(logits, dim=-1).cumsum(-1)
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).clamp_max(logits.shape[-1] - 1).squeeze(1)
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+          ) -> torch.Tensor:
+    return _inverse_cdf(_filter_logits(logits, temperature, top_k), generator)
+
+
+def guided_logits(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + w * (cond - uncond)``; w = 0 and w = 1 return an input as is
+    (the formula would round), w > 1 sharpens towards the class."""
+    if w == 1:
+        return cond_logits
+    if w == 0:
+        return uncond_logits
+    return uncond_logits + w * (cond_logits - uncond_logits)
+
+
+def _twice(x: torch.Tensor, both: bool) -> torch.Tensor:
+    """The batch stacked on itself when a guided step runs the conditional and null-class passes together."""
+    return torch.cat([x, x]) if both else x
 
 
 def _codebook_embedding(codebook: torch.Tensor, width: int, std: float) -> torch.Tensor:
@@ -99,6 +136,57 @@ def _codebook_embedding(codebook: torch.Tensor, width: int, std: float) -> torch
         g = torch.Generator().manual_seed(0)
         cb = cb @ (torch.randn(d, width, generator=g) / math.sqrt(width))
     return cb * (std / cb.std().clamp_min(1e-8))
+
+
+class Prior(nn.Module):
+    """What every prior shares: building from a config, the null class and guidance, the training loss.
+
+    Adding a kind: subclass this, implement ``from_config`` (and ``check_config`` where the kind has
+    options of its own), ``forward``, ``sample``, ``init_from_codebook``, and add one line to PRIOR_KINDS.
+    """
+
+    num_classes: int = 0
+    cond_dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> Prior:
+        raise NotImplementedError
+
+    @staticmethod
+    def check_config(cfg: PriorConfig) -> None:
+        """Raise ConfigError for options this kind cannot use."""
+
+    def _drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """In training, each grid's class becomes the null class with probability ``cond_dropout``: that
+        teaches the unconditional model that guidance needs. Drawn on the CPU from the global RNG."""
+        if cond is None or not self.training or self.cond_dropout == 0:
+            return cond
+        drop = torch.rand(cond.shape[0]) < self.cond_dropout
+        return cond.masked_fill(drop.to(cond.device), self.num_classes)
+
+    def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
+                     ) -> tuple[torch.Tensor | None, bool]:
+        """The classes to run the network with while sampling, and whether the batch is doubled
+        (conditional half first, null-class half second). Only the passes ``guidance`` needs run."""
+        _check_cond(cond, n, self.num_classes)
+        if cond is None:
+            if guidance != 1:
+                raise ValueError("guidance needs a conditional prior")
+            return None, False
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        if guidance == 1:
+            return cond, False
+        null = torch.full_like(cond, self.num_classes)
+        return (null, False) if guidance == 0 else (torch.cat([cond, null]), True)
+
+    @staticmethod
+    def _mix(logits: torch.Tensor, n: int, guidance: float, both: bool) -> torch.Tensor:
+        return guided_logits(logits[:n], logits[n:], guidance) if both else logits
+
+    def loss(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy (nats) of every code given the codes before it."""
+        return F.cross_entropy(self(indices, cond).float(), indices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,7 +216,7 @@ class GatedBlock(nn.Module):
         self.h = nn.Conv2d(ch, 2 * ch, (1, self.k + 1))
         self.v_to_h = nn.Conv2d(2 * ch, 2 * ch, 1)
         self.h_out = nn.Conv2d(ch, ch, 1)
-        self.cond = nn.Embedding(num_classes, 4 * ch) if num_classes else None
+        self.cond = nn.Embedding(num_classes + 1, 4 * ch) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
 
     @staticmethod
@@ -151,16 +239,25 @@ class GatedBlock(nn.Module):
         return self._gate(vf), (h_new if self.mask_a else h + h_new)
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(Prior):
     def __init__(self, num_codes: int, width: int = 128, layers: int = 8, kernel: int = 5,
-                 num_classes: int = 0, dropout: float = 0.0):
+                 num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1):
         super().__init__()
-        self.num_codes, self.num_classes = num_codes, num_classes
+        self.num_codes, self.num_classes, self.cond_dropout = num_codes, num_classes, cond_dropout
         self.embed = nn.Embedding(num_codes, width)
         self.blocks = nn.ModuleList(
             GatedBlock(width, kernel, "A" if i == 0 else "B", num_classes, dropout) for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), nn.Conv2d(width, num_codes, 1))
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> GatedPixelCNN:
+        return cls(num_codes, cfg.width, cfg.layers, cfg.kernel, cfg.num_classes, cfg.dropout, cfg.cond_dropout)
+
+    @staticmethod
+    def check_config(cfg: PriorConfig) -> None:
+        if cfg.kernel < 3 or cfg.kernel % 2 == 0:
+            raise ConfigError(f"prior.kernel must be an odd number >= 3, got {cfg.kernel}")
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
@@ -175,22 +272,24 @@ class GatedPixelCNN(nn.Module):
 
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         _check_cond(cond, indices.shape[0], self.num_classes)
-        return self.forward_embedded(self.embed(indices).permute(0, 3, 1, 2), cond)
+        return self.forward_embedded(self.embed(indices).permute(0, 3, 1, 2), self._drop_cond(cond))
 
     @torch.no_grad()
     def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
-               generator: torch.Generator | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
+               guidance: float = 1.0) -> torch.Tensor:
         h, w = grid_hw
         dev = self.embed.weight.device
-        _check_cond(cond, n, self.num_classes)
+        conds, both = self._guided_cond(cond, n, guidance)
         out = torch.zeros(n, h, w, dtype=torch.long, device=dev)
         # Row r depends only on rows r - reach .. r (receptive field), so only those rows are computed.
         reach = sum(b.k for b in self.blocks) + 1
         for r in range(h):
             top = max(0, r - reach)
             for c in range(w):
-                logits = self.forward_embedded(self.embed(out[:, top:r + 1]).permute(0, 3, 1, 2), cond)
-                out[:, r, c] = _draw(logits[:, :, -1, c], temperature, top_k, generator)
+                x = self.embed(_twice(out[:, top:r + 1], both)).permute(0, 3, 1, 2)
+                logits = self.forward_embedded(x, conds)[:, :, -1, c]
+                out[:, r, c] = _draw(self._mix(logits, n, guidance, both), temperature, top_k, generator)
         return out
 
 
@@ -198,13 +297,14 @@ class GatedPixelCNN(nn.Module):
 # Decoder-only transformer over the raster sequence (nanoGPT style, pre-LN) with a KV cache.
 # Input at step t is the code of position t-1 (a learned start token at t = 0) plus the row and column
 # embeddings of position t, so every position, including the first, is predicted.
+# The same blocks, non-causal, make the MaskGIT below.
 # --------------------------------------------------------------------------------------------------
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -214,6 +314,8 @@ class SelfAttention(nn.Module):
         n, t, c = x.shape
         q, k, v = (z.view(n, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(x).split(c, 2))
         if use_cache:  # append this step's keys/values and attend to everything cached so far
+            if not self.causal:
+                raise ValueError("the KV cache is for causal attention only")
             ck, cv = self.cache
             ck[:, :, self.cache_len:self.cache_len + t] = k
             cv[:, :, self.cache_len:self.cache_len + t] = v
@@ -223,17 +325,17 @@ class SelfAttention(nn.Module):
             if causal and self.cache_len != t:
                 raise ValueError("multi-token cached steps are only supported from an empty cache")
         else:
-            causal = True
+            causal = self.causal
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout)
+        self.attn = SelfAttention(width, heads, dropout, causal)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
                                  nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
@@ -243,31 +345,44 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class TransformerPrior(nn.Module):
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _gpt_init(model: nn.Module, layers: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled down by depth."""
+    model.apply(_init_weights)
+    for name, p in model.named_parameters():
+        if name.endswith(("proj.weight", "mlp.2.weight")):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+
+
+class TransformerPrior(Prior):
     def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
-                 heads: int = 4, num_classes: int = 0, dropout: float = 0.0):
+                 heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1):
         super().__init__()
         self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
+        self.cond_dropout = cond_dropout
         self.tok = nn.Embedding(num_codes, width)
         self.start = nn.Parameter(torch.zeros(width))
         self.row = nn.Embedding(grid[0], width)
         self.col = nn.Embedding(grid[1], width)
-        self.cls = nn.Embedding(num_classes, width) if num_classes else None
+        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_codes, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2 scaling of residual projections
-            if name.endswith(("proj.weight", "mlp.2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+        _gpt_init(self, layers)
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> TransformerPrior:
+        return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
+                   cfg.cond_dropout)
+
+    check_config = staticmethod(_check_heads)
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
@@ -295,6 +410,7 @@ class TransformerPrior(nn.Module):
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         n, h, w = indices.shape
         _check_cond(cond, n, self.num_classes)
+        cond = self._drop_cond(cond)
         seq = indices.reshape(n, h * w)
         x = torch.cat([self._inputs(None, n, cond), self._inputs(seq[:, :-1], n, cond)], dim=1)
         logits = self._run(x + self._pos(h, w, 0, h * w))
@@ -329,31 +445,153 @@ class TransformerPrior(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
                generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
-               use_cache: bool = True) -> torch.Tensor:
+               guidance: float = 1.0, use_cache: bool = True) -> torch.Tensor:
         h, w = grid_hw
-        _check_cond(cond, n, self.num_classes)
+        conds, both = self._guided_cond(cond, n, guidance)
+        b = 2 * n if both else n  # a guided batch holds each grid twice, so the cache does too
         out = torch.zeros(n, h * w, dtype=torch.long, device=self.start.device)
         if use_cache:
-            self._reset_cache(n, h * w)
+            self._reset_cache(b, h * w)
         try:
             for t in range(h * w):
                 if use_cache:
-                    x = self._inputs(None if t == 0 else out[:, t - 1:t], n, cond)
+                    x = self._inputs(None if t == 0 else _twice(out[:, t - 1:t], both), b, conds)
                     logits = self._run(x + self._pos(h, w, t, 1), use_cache=True)[:, -1]
                 else:
-                    x = self._inputs(None, n, cond)
+                    x = self._inputs(None, b, conds)
                     if t:
-                        x = torch.cat([x, self._inputs(out[:, :t], n, cond)], dim=1)
+                        x = torch.cat([x, self._inputs(_twice(out[:, :t], both), b, conds)], dim=1)
                     logits = self._run(x + self._pos(h, w, 0, t + 1))[:, -1]
-                out[:, t] = _draw(logits, temperature, top_k, generator)
+                out[:, t] = _draw(self._mix(logits, n, guidance, both), temperature, top_k, generator)
         finally:
             self._clear_cache()
         return out.view(n, h, w)
 
 
-def build_prior(cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> nn.Module:
+# --------------------------------------------------------------------------------------------------
+# MaskGIT (Chang et al. 2022): a bidirectional transformer trained to fill in randomly masked codes, a
+# cosine share of them per grid. Sampling starts from an all-[MASK] grid and in each of a few passes
+# samples every masked code, keeps the most confident and masks the rest again, fewer each pass.
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_ratio(t: float | torch.Tensor) -> float | torch.Tensor:
+    """Cosine schedule: the share of codes masked at decoding progress ``t`` in [0, 1] (1 at 0, 0 at 1).
+    Written as sin(pi/2 (1 - t)), which is cos(pi/2 t) with both ends exact."""
+    if isinstance(t, torch.Tensor):
+        return torch.sin(math.pi / 2 * (1 - t))
+    return math.sin(math.pi / 2 * (1 - t))
+
+
+def masked_count(step: int, steps: int, length: int) -> int:
+    """Codes still masked after pass ``step`` of ``steps`` over ``length`` codes: the floored cosine
+    schedule, but at least one fewer per pass so that no pass is wasted (needs steps <= length)."""
+    if not 0 <= step <= steps:
+        raise ValueError(f"step must be in [0, {steps}], got {step}")
+    return max(0, min(math.floor(length * mask_ratio(step / steps)), length - step))
+
+
+class MaskGITPrior(Prior):
+    def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
+                 heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1,
+                 decode_steps: int = 12):
+        super().__init__()
+        self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
+        self.cond_dropout, self.decode_steps = cond_dropout, decode_steps
+        self.mask_id = num_codes
+        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
+        self.row = nn.Embedding(grid[0], width)
+        self.col = nn.Embedding(grid[1], width)
+        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_codes)  # real codes only: [MASK] is never a prediction
+        _gpt_init(self, layers)
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskGITPrior:
+        return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
+                   cfg.cond_dropout, cfg.decode_steps)
+
+    check_config = staticmethod(_check_heads)
+
+    def init_from_codebook(self, codebook: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 0.02)
+
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
+        if h > self.grid[0] or w > self.grid[1]:
+            raise ValueError(f"grid {h}x{w} is larger than the prior's {self.grid[0]}x{self.grid[1]}")
+        pos = (self.row.weight[:h, None] + self.col.weight[None, :w]).reshape(h * w, -1)
+        x = self.tok(seq) + pos
+        if self.cls is not None:
+            x = x + self.cls(cond)[:, None, :]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        n, h, w = indices.shape
+        _check_cond(cond, n, self.num_classes)
+        logits = self._run(indices.reshape(n, h * w), h, w, self._drop_cond(cond))
+        return logits.transpose(1, 2).reshape(n, self.num_codes, h, w)
+
+    def loss(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy (nats) of the masked codes given the rest: per grid a share
+        mask_ratio(u), u ~ U(0, 1), of the positions (at least one), chosen uniformly, is masked."""
+        n, h, w = indices.shape
+        length = h * w
+        count = (mask_ratio(torch.rand(n)) * length).ceil().clamp(1, length)
+        rank = torch.rand(n, length).argsort(1).argsort(1)  # a uniform random order of each grid's positions
+        masked = (rank < count[:, None]).view(n, h, w).to(indices.device)
+        logits = self(indices.masked_fill(masked, self.mask_id), cond)
+        return F.cross_entropy(logits.float(), indices.masked_fill(~masked, -100), ignore_index=-100)
+
+    @torch.no_grad()
+    def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
+               generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
+               guidance: float = 1.0, steps: int | None = None, choice_temperature: float = 4.5
+               ) -> torch.Tensor:
+        """Parallel decoding in ``steps`` passes (default ``decode_steps``, at most h*w). Each pass samples
+        every masked code; the kept ones are the most confident by log-probability plus Gumbel noise
+        scaled by ``choice_temperature``, annealed to 0 (MaskGIT's randomised top-k)."""
+        h, w = grid_hw
+        length = h * w
+        steps = min(self.decode_steps if steps is None else steps, length)
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        conds, both = self._guided_cond(cond, n, guidance)
+        dev = self.head.weight.device
+        seq = torch.full((n, length), self.mask_id, dtype=torch.long, device=dev)
+        for s in range(steps):
+            masked = seq == self.mask_id
+            logits = self._mix(self._run(_twice(seq, both), h, w, conds), n, guidance, both)
+            logits = _filter_logits(logits[masked], temperature, top_k)  # (masked codes, K), grid by grid
+            codes = _inverse_cdf(logits, generator)
+            seq[masked] = codes
+            keep_masked = masked_count(s + 1, steps, length)  # the same for every grid
+            if keep_masked == 0:
+                break  # the last pass: every code is filled
+            conf = torch.full((n, length), math.inf, device=dev)  # codes fixed earlier are never re-masked
+            gumbel = -torch.log(-torch.log(torch.rand(n, length, generator=generator, device=dev)))
+            log_p = torch.log_softmax(logits, -1).gather(1, codes[:, None]).squeeze(1)
+            conf[masked] = log_p + choice_temperature * (1 - (s + 1) / steps) * gumbel[masked]
+            seq.scatter_(1, conf.topk(keep_masked, dim=1, largest=False).indices, self.mask_id)
+        return seq.view(n, h, w)
+
+
+# Every prior kind by name; a new kind is its class and one line here.
+PRIOR_KINDS: dict[str, type[Prior]] = {
+    "transformer": TransformerPrior,
+    "pixelcnn": GatedPixelCNN,
+    "maskgit": MaskGITPrior,
+}
+
+
+def build_prior(cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> Prior:
     """A prior for ``num_codes`` codes on an ``grid`` = (h, w) code grid, as ``cfg`` describes."""
     cfg.validate()
-    if cfg.kind == "transformer":
-        return TransformerPrior(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout)
-    return GatedPixelCNN(num_codes, cfg.width, cfg.layers, cfg.kernel, cfg.num_classes, cfg.dropout)
+    return PRIOR_KINDS[cfg.kind].from_config(cfg, num_codes, tuple(grid))
