@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from oasisvq.config import ModelConfig
 from oasisvq.evaluation.generation import (
     FEATURES_VERSION,
     anatomy_stats,
+    evaluate_sample_dir,
     evaluate_samples,
     features,
+    features_fingerprint,
     fit_tissue_gmm,
     frechet_distance,
     kid,
+    level_bins,
     memorisation_report,
     nearest_train_ssim,
     pairwise_ssim_diversity,
+    prdc,
+    sample_levels,
+    standardize,
+    two_sample_test,
+    uses_oasis,
     wasserstein_1d,
 )
-from oasisvq.models import VQVAE
+
+from .conftest import shared
+
+# The feature net's weights hash: if a torch release ever draws them differently, features change and
+# FEATURES_VERSION must be bumped (numbers are no longer comparable with older ones).
+FINGERPRINT = "ceda2761770fdf2c"
 
 
 def _phantoms(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -37,6 +53,22 @@ def _phantoms(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+def _leveled(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ellipse phantoms whose size grows with their level in [0, 1] (as axial slices do, roughly)."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    levels = g.uniform(0, 1, n)
+    imgs = np.zeros((n, size, size), np.uint8)
+    for i, lv in enumerate(levels):
+        a = 0.3 + 0.6 * lv
+        r = (xx / a) ** 2 + (yy / (a * 1.2)) ** 2
+        imgs[i] = np.clip(80 * (r < 1) + 80 * (r < 0.5) + 60 * (r < 0.2) + g.normal(0, 3, r.shape) * (r < 1), 0, 255)
+    return imgs, levels
+
+
+# ------------------------------------------------------------------------------------------- distances
+
+
 def test_frechet_identical_sets_near_zero_and_shift_grows():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 5))
@@ -48,6 +80,9 @@ def test_frechet_identical_sets_near_zero_and_shift_grows():
     # covariance term: N(0, I) vs N(0, 4 I) in 1-D has distance (1 - 2)^2 = 1
     x = rng.normal(size=(20000, 1))
     assert frechet_distance(x, 2 * x) == pytest.approx(1.0, rel=0.05)
+    # in the (high-dimensional, rank-deficient) feature space too
+    f = standardize(features(_phantoms(12)))[0]
+    assert frechet_distance(f, f) == pytest.approx(0, abs=1e-6)
 
 
 def test_kid_zero_for_same_distribution_positive_for_shift():
@@ -59,13 +94,100 @@ def test_kid_zero_for_same_distribution_positive_for_shift():
     assert shifted > 10 * max(abs(same), 1e-3)
 
 
-def test_features_shape_and_version():
-    torch.manual_seed(0)
-    model = VQVAE(ModelConfig(downsample=4, channels=(8, 8), hidden=8, res_blocks=1, num_codes=16, code_dim=4))
-    f = features(_phantoms(5), model)
-    assert f.shape == (5, 2 * 4 + 9) and f.dtype == np.float64
-    assert np.allclose(f[:, 8:16].sum(1), 1.0)  # the histogram part is a distribution over head pixels
-    assert FEATURES_VERSION.startswith("oasisvq-features-")
+def test_prdc_identical_and_disjoint_sets():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 8))
+    same = prdc(a, a)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0 and same["k"] == 5
+    assert same["density"] >= 1.0  # every fake sits on a real point, inside its own and neighbours' balls
+    far = prdc(a + 100.0, a)
+    assert far["precision"] == far["recall"] == far["density"] == far["coverage"] == 0.0
+    # same distribution, different draws: all clearly above zero; k shrinks to fit tiny sets
+    b = rng.normal(size=(60, 8))
+    mixed = prdc(b, a)
+    assert min(mixed["precision"], mixed["recall"], mixed["coverage"]) > 0.5
+    assert prdc(a[:3], a[:4])["k"] == 2
+
+
+# -------------------------------------------------------------------------------------------- features
+
+
+def test_features_shape_version_and_parts():
+    f = features(_phantoms(5))
+    assert f.shape == (5, 2 * (16 + 32 + 64 + 64) + 16 + 1 + 16) and f.dtype == np.float64
+    hist, area = f[:, 352:368], f[:, 368]
+    assert np.allclose(hist.sum(1), 1.0)  # the histogram part is a distribution over head pixels
+    half = np.zeros((1, 64, 64), np.uint8)
+    half[0, :, :32] = 200  # head = left half of the slice
+    assert features(half)[0, 368] == pytest.approx(0.5, abs=0.02) and 0 < area.min() <= area.max() < 1
+    assert FEATURES_VERSION.startswith("oasisvq-features-2:")
+    assert features_fingerprint() == FINGERPRINT, "the feature net's weights changed: bump FEATURES_VERSION"
+
+
+def test_features_independent_of_batch_size_input_type_and_global_rng():
+    x = _phantoms(7, size=48, seed=3)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    a = features(x, batch_size=64)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the global RNGs are untouched
+    assert all(np.array_equal(u, v) for u, v in zip(np.random.get_state()[1:3], np_state[1:3]))
+    np.testing.assert_allclose(features(x, batch_size=2), a, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(features(x[:, 0].numpy()), a, rtol=0, atol=1e-12)  # (N, H, W) arrays too
+    u8 = (x * 255).round().to(torch.uint8)
+    np.testing.assert_allclose(features(u8), features(u8.float() / 255), rtol=0, atol=1e-12)
+
+
+def test_features_identical_in_a_fresh_process(tmp_path):
+    imgs = (_phantoms(6, size=40, seed=9) * 255).round().to(torch.uint8).numpy()
+    np.save(tmp_path / "imgs.npy", imgs)
+    code = ("import sys, numpy as np, torch; torch.manual_seed(123); np.random.seed(5)\n"
+            "from oasisvq.evaluation.generation import features, features_fingerprint\n"
+            "np.save(sys.argv[1], features(np.load(sys.argv[2]), batch_size=4)); print(features_fingerprint())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.npy"), str(tmp_path / "imgs.npy")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == features_fingerprint()
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), features(imgs), rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ two-sample test
+
+
+def test_two_sample_test_chance_on_one_distribution_and_one_on_blank():
+    real = features(_phantoms(80, seed=1))
+    a, b = standardize(real[:40], real[40:])
+    same = two_sample_test(a, b)
+    assert abs(same["accuracy"] - 0.5) < 0.12 and same["n_per_class"] == 40 and same["folds"] == 5
+    blank = np.zeros((40, 32, 32), np.uint8)
+    r, x = standardize(real[:40], features(blank))
+    assert two_sample_test(x, r)["accuracy"] > 0.95
+
+
+@pytest.fixture(scope="module")
+def t88():
+    """Features of every real OASIS-1 T88 slice beside the checkout (160 subjects), in a fixed order."""
+    from oasisvq.data import read_png
+
+    root = shared("oasis1_t88_axial")
+    paths = sorted(root.glob("*/*.png"))
+    if len(paths) < 40:
+        pytest.skip(f"{root}: fewer than 40 slices")
+    return features(np.stack([read_png(p) for p in paths]))
+
+
+def test_two_sample_test_on_real_slices(t88):
+    perm = np.random.default_rng(0).permutation(len(t88))
+    half = len(t88) // 2
+    a, b = standardize(t88[perm[:half]], t88[perm[half:2 * half]])
+    assert abs(two_sample_test(a, b)["accuracy"] - 0.5) < 0.12  # real vs real: cannot tell them apart
+    g = np.random.default_rng(1)
+    near_blank = np.zeros((40, 256, 256), np.uint8)  # a few specks of "head" on a black slice
+    for img in near_blank:
+        img[tuple(g.integers(0, 256, (2, 200)))] = g.integers(20, 200, 200)
+    for fake in (np.zeros((40, 256, 256), np.uint8), near_blank):
+        r, x = standardize(t88[perm[:half]], features(fake))
+        assert two_sample_test(x, r)["accuracy"] > 0.95
+
+
+# ------------------------------------------------------------------------------------------- memorisation
 
 
 def test_copy_of_a_training_slice_is_flagged():
@@ -79,6 +201,9 @@ def test_copy_of_a_training_slice_is_flagged():
     # a noisy but not copied image is not flagged
     noise = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert memorisation_report(noise, train)["copies"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ anatomy
 
 
 def test_gmm_recovers_three_known_means():
@@ -110,19 +235,89 @@ def test_diversity_lower_for_varied_sets():
     assert pairwise_ssim_diversity(_phantoms(6)) < 0.95
 
 
-def test_evaluate_samples_end_to_end():
-    torch.manual_seed(0)
-    model = VQVAE(ModelConfig(downsample=4, channels=(8, 8), hidden=8, res_blocks=1, num_codes=16, code_dim=4))
-    real, train = _phantoms(20, seed=3), _phantoms(30, seed=4)
-    good = evaluate_samples(_phantoms(10, seed=5), real, train, model, samples_per_second=12.5)
-    bad = evaluate_samples(torch.rand(10, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.3,
-                           real, train, model)
-    assert good["fidelity"]["frechet"] < bad["fidelity"]["frechet"]
-    assert good["fidelity"]["kid"] < bad["fidelity"]["kid"]
-    assert good["anatomy"]["head_area"]["wasserstein"] < bad["anatomy"]["head_area"]["wasserstein"]
-    assert good["samples_per_second"] == 12.5 and good["features_version"] == FEATURES_VERSION
-    for key in ("frechet_floor", "kid_floor"):
-        assert np.isfinite(good["fidelity"][key])
-    import json
+# ---------------------------------------------------------------------------------------------- levels
 
-    json.dumps(good)  # the report must be JSON-serialisable
+
+def test_level_bins_and_sample_levels():
+    got = level_bins([0.0, 0.2, 1 / 3, 0.5, 0.99, 1.0, np.nan], np.linspace(0, 1, 4))
+    assert got.tolist() == [0, 0, 1, 1, 2, 2, -1]
+    levels = sample_levels({"levels": [0.1, None, 0.9]}, 3)
+    assert np.isnan(levels[1]) and levels[2] == 0.9
+    assert sample_levels({"levels": None}, 3) is None and sample_levels({"levels": [0.5]}, 3) is None
+
+
+def test_oasis_data_is_recognised_for_the_acknowledgement():
+    assert uses_oasis(["/data/OASIS1/disc1"]) and uses_oasis(["x"], ["OAS1_0001"])
+    assert not uses_oasis(["oasisvq-demo/data"], ["mni152_z040"])  # the package's own folders are not OASIS
+
+
+def test_evaluate_samples_end_to_end_and_per_level():
+    real, lv_real = _leveled(24, seed=3)
+    train, lv_train = _leveled(40, seed=4)
+    good, lv_good = _leveled(18, seed=5)
+    bad = (np.random.default_rng(0).random((18, 32, 32)) * 80).astype(np.uint8)
+    kw = {"heldout_levels": lv_real, "train_levels": lv_train}
+    g = evaluate_samples(good, real, train, sample_levels=lv_good, samples_per_second=12.5, **kw)
+    b = evaluate_samples(bad, real, train, sample_levels=lv_good, **kw)
+    gf, bf = g["fidelity"], b["fidelity"]
+    assert gf["frechet"] < bf["frechet"] and gf["kid"] < bf["kid"]
+    assert gf["two_sample_accuracy"] < 0.8 < bf["two_sample_accuracy"]
+    assert gf["precision"] > bf["precision"] and gf["coverage"] > bf["coverage"]
+    assert g["anatomy"]["head_area"]["wasserstein"] < b["anatomy"]["head_area"]["wasserstein"]
+    assert g["samples_per_second"] == 12.5 and g["features_version"] == FEATURES_VERSION
+    assert g["n_compared"] == 18 and g["settings"]["two_sample_n_per_class"] == 18
+    for q in ("frechet", "kid", "two_sample_accuracy", "precision", "recall", "density", "coverage"):
+        assert np.isfinite(gf[f"{q}_floor"]) and gf[f"{q}_floor"] == bf[f"{q}_floor"]  # the floor ignores samples
+    assert g["empty"]["samples_fraction"] == 0 and g["empty"]["real_fraction"] == 0
+    # per level: three bins, each with as many floor slices as samples (where training has enough)
+    bins = g["per_level"]["bins"]
+    np.testing.assert_allclose([r["range"] for r in bins], [[0, 1 / 3], [1 / 3, 2 / 3], [2 / 3, 1]])
+    assert sum(r["n_samples"] for r in bins) == 18 and sum(r["n_real_heldout"] for r in bins) == 24
+    done = [r for r in bins if "skipped" not in r]
+    assert done and all(np.isfinite(r["two_sample_accuracy_floor"]) for r in done)
+    # nearest real slice: within the sample's level bin
+    b_s, b_r = level_bins(lv_good, np.linspace(0, 1, 4)), level_bins(lv_real, np.linspace(0, 1, 4))
+    assert all(b_r[j] == b_s[i] for i, j in enumerate(g["nearest_real"]["real_index"]))
+    json.dumps(g)  # the report must be JSON-serialisable
+
+    # without levels the per-level part is skipped with its reason; blank samples count as empty
+    blank = evaluate_samples(np.zeros((6, 32, 32), np.uint8), real, train)
+    assert "no level" in blank["per_level"]["skipped"] and "bins" not in blank["per_level"]
+    assert blank["empty"]["samples_fraction"] == 1.0 and blank["fidelity"]["two_sample_accuracy"] > 0.9
+    no_pos = evaluate_samples(good, real, train, sample_levels=lv_good)
+    assert "no position" in no_pos["per_level"]["skipped"]
+
+
+def test_evaluate_sample_dir_writes_json_and_figure(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from oasisvq.config import DataConfig, RunConfig
+    from oasisvq.data import SliceSet
+
+    imgs, pos = _leveled(36, seed=7)
+    splits = ["train"] * 24 + ["validate"] * 4 + ["test"] * 8
+    data = SliceSet(imgs, {"subjects": [f"OAS1_{i:04d}" for i in range(36)], "sources": ["x"] * 36,
+                           "slices": [0] * 36, "splits": splits, "positions": pos.tolist()})
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
+    run = tmp_path / "run"
+    run.mkdir()
+    RunConfig(data=DataConfig(paths=["/somewhere/oasis1"], size=32)).save(run / "config.json")
+    samples, levels = _leveled(10, seed=8)
+    out = tmp_path / "s"
+    out.mkdir()
+    names = [f"sample_{i:03d}.png" for i in range(10)]
+    for name, img in zip(names, samples):
+        Image.fromarray(img).save(out / name)
+    (out / "samples.json").write_text(json.dumps({"files": names, "levels": levels.tolist(), "prior": "x",
+                                                  "samples_per_second": 3.0}))
+    report = evaluate_sample_dir(run, out, device="cpu", progress=False)
+    saved = json.loads((out / "samples_metrics.json").read_text())
+    assert saved["n_samples"] == 10 and saved["n_real_heldout"] == 8 and saved["heldout_split"] == "test"
+    assert saved["features_version"] == FEATURES_VERSION and saved["samples_per_second"] == 3.0
+    assert len(saved["per_level"]["bins"]) == 3 and sum(b["n_samples"] for b in saved["per_level"]["bins"]) == 10
+    for key in ("fidelity", "empty", "diversity", "memorisation", "anatomy", "settings"):
+        assert key in saved
+    assert saved["nearest_real"]["figure"] == "nearest_real.png" and saved["nearest_real"]["oasis_acknowledged"]
+    assert report["fidelity"]["two_sample_accuracy_floor"] == saved["fidelity"]["two_sample_accuracy_floor"]
+    with Image.open(out / "nearest_real.png") as im:
+        assert im.size[0] > 400

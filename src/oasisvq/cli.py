@@ -183,16 +183,33 @@ def cmd_evaluate_samples(a) -> int:
     m = evaluate_sample_dir(a.run, a.samples, split=a.split, max_real=a.max_real,
                             copy_threshold=a.copy_threshold, device=a.device, cache_dir=a.cache_dir,
                             seed=a.seed, progress=not a.no_progress)
-    f, d, mem = m["fidelity"], m["diversity"], m["memorisation"]
-    print(f"{m['n_samples']} samples vs {m['n_real_heldout']} real {a.split} slices "
-          f"(real-vs-real floor in brackets)")
-    print(f"  Frechet {f['frechet']:.4g} [{f['frechet_floor']:.4g}]   KID {f['kid']:.4g} [{f['kid_floor']:.4g}]")
+    f, d, mem, e = m["fidelity"], m["diversity"], m["memorisation"], m["empty"]
+    both = lambda q, fmt=".3f": f"{f[q]:{fmt}} [{f[q + '_floor']:{fmt}}]"
+    print(f"{m['n_samples']} samples vs {m['n_real_heldout']} real {a.split} slices; in brackets the real-vs-real "
+          f"floor (training vs held-out subjects, {m['n_compared']} slices)")
+    print(f"  features {m['features_version'].split(':')[0]} ({m['features_fingerprint']})")
+    print(f"  two-sample accuracy {both('two_sample_accuracy')} (0.5 = indistinguishable)")
+    print(f"  precision {both('precision')}  recall {both('recall')}  density {both('density')}  "
+          f"coverage {both('coverage')}")
+    print(f"  Frechet {both('frechet', '.4g')}  KID {both('kid', '.4g')}")
+    print(f"  near-empty (head < {e['area_threshold']:.0%}) {e['samples_fraction']:.1%} [real {e['real_fraction']:.1%}]")
     print(f"  pairwise SSIM {d['samples_pairwise_ssim']:.4f} [real {d['real_pairwise_ssim']:.4f}]")
     print(f"  nearest-train SSIM mean {mem['nearest_train_ssim']['mean']:.4f} max {mem['nearest_train_ssim']['max']:.4f}"
-          f"; copies (> {mem['threshold']}): {mem['copies']}")
+          f" [held-out {mem['heldout_nearest_train_ssim']['mean']:.4f}]; copies (> {mem['threshold']}): {mem['copies']}")
     for q, v in m["anatomy"].items():
         print(f"  {q}: W1 {v['wasserstein']:.4f} [{v['floor_wasserstein']:.4f}]")
-    print(f"  written to {Path(a.samples) / 'samples_metrics.json'}")
+    lv = m["per_level"]
+    if "skipped" in lv:
+        print(f"  per level: skipped ({lv['skipped']})")
+    for b in lv.get("bins", []):
+        where = f"  level {b['range'][0]:.2f}-{b['range'][1]:.2f} ({b['n_samples']} samples):"
+        if "skipped" in b:
+            print(f"{where} skipped ({b['skipped']})")
+        else:
+            print(f"{where} two-sample {b['two_sample_accuracy']:.3f} [{b['two_sample_accuracy_floor']:.3f}]  "
+                  f"precision {b['precision']:.3f} [{b['precision_floor']:.3f}]  recall {b['recall']:.3f} "
+                  f"[{b['recall_floor']:.3f}]")
+    print(f"  written to {Path(a.samples) / 'samples_metrics.json'} and {m['nearest_real']['figure']}")
     return 0
 
 
@@ -385,8 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sample)
 
     es = sub.add_parser("evaluate-samples", help="measure generated slices", description=(
-        "Fidelity (Frechet, KID), diversity, memorisation and anatomy of the samples in a folder against the "
-        "run's real slices, each beside a real-vs-real floor; writes samples_metrics.json there."))
+        "Two-sample classifier accuracy, precision/recall/density/coverage, Frechet distance and KID in a fixed "
+        "feature space (comparable across runs), near-empty samples, diversity, memorisation and anatomy of the "
+        "samples in a folder against the run's held-out slices, each beside a real-vs-real floor (training vs "
+        "held-out subjects), per slice level where known; writes samples_metrics.json and nearest_real.png "
+        "there."))
     es.add_argument("run", type=Path, help="run folder")
     es.add_argument("samples", type=Path, help="folder written by `oasisvq sample`")
     es.add_argument("--split", default="test", choices=["validate", "test"], help="held-out real slices")

@@ -233,10 +233,17 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
 
 
 def _headline_generation(g: dict) -> str:
-    fid = g.get("fidelity", {})
+    """Two-sample accuracy, precision/recall and Frechet distance, each with its real-vs-real floor."""
+    f, nan = g.get("fidelity", {}), float("nan")
+    both = lambda q, fmt=".2f": f"{f[q]:{fmt}} (real {f.get(q + '_floor', nan):{fmt}})"
     parts = []
-    if "frechet" in fid:
-        parts.append(f"Frechet {fid['frechet']:.2f} (real-vs-real {fid.get('frechet_floor', float('nan')):.2f})")
+    if "two_sample_accuracy" in f:
+        parts.append(f"two-sample accuracy {f['two_sample_accuracy']:.2f} (real "
+                     f"{f.get('two_sample_accuracy_floor', nan):.2f}, chance 0.50)")
+    if "precision" in f:
+        parts.append(f"precision {both('precision')}, recall {both('recall')}")
+    if "frechet" in f:
+        parts.append(f"Frechet {both('frechet', '.1f')}")
     mem = g.get("memorisation", {})
     if "copies" in mem:
         parts.append(f"{mem['copies']} near-copies of training slices")

@@ -25,12 +25,7 @@ from . import __version__
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .errors import CheckpointError, OasisVQError
-
-
-def _uses_oasis(cfg: RunConfig, subjects: list[str]) -> bool:
-    if any("oasis" in p.lower() for p in cfg.data.paths):
-        return True
-    return any(s.startswith(("OAS1_", "case_")) for s in subjects)
+from .evaluation.generation import uses_oasis
 
 
 class _Doc:
@@ -127,7 +122,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
     else:
         d.p("Data: " + ", ".join(cfg.data.paths) + f" (slices {cfg.data.size}x{cfg.data.size}, "
             f"axis {cfg.data.axis} for volumes; split by subject, seed {cfg.data.seed}).")
-    if _uses_oasis(cfg, subjects):
+    if uses_oasis(cfg.data.paths, subjects):
         d.html.append(f'<p class="ack">{html.escape(OASIS_ACKNOWLEDGEMENT)}; Marcus et al. 2007, '
                       "J Cogn Neurosci 19:1498.</p>")
         d.md.append(f"> {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498.\n")
@@ -192,18 +187,41 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
         if real:
             d.figure(real, "Real held-out test slices, for comparison.")
     if gen:
-        fid, div, mem = gen["fidelity"], gen["diversity"], gen["memorisation"]
-        d.p(f"Features: {gen['features_version']} (defined by oasisvq; see evaluation/generation.py). "
-            f"{gen['n_samples']} samples against {gen['n_real_heldout']} real held-out slices.")
-        rows = [["Frechet distance", fid["frechet"], fid["frechet_floor"]],
-                ["KID", fid["kid"], fid["kid_floor"]],
-                ["mean pairwise SSIM (diversity; lower = more diverse)", div["samples_pairwise_ssim"],
-                 div["real_pairwise_ssim"]],
-                ["nearest-training-slice SSIM (median)", mem["nearest_train_ssim"]["median"],
-                 mem.get("heldout_nearest_train_ssim", {}).get("median", float("nan"))]]
+        fid, div, mem, nan = gen["fidelity"], gen["diversity"], gen["memorisation"], float("nan")
+        d.p(f"Features: {gen['features_version']} (fixed and independent of the run, so numbers with the same "
+            f"features version compare across runs; see evaluation/generation.py). {gen['n_samples']} samples "
+            f"against {gen['n_real_heldout']} real held-out slices. The real-vs-real floor is the same metric for "
+            f"{gen.get('n_compared', '?')} slices of the training subjects against the same held-out slices: a "
+            "generator that reproduced its training data would score it.")
+        pair = lambda label, q: [label, fid.get(q, nan), fid.get(f"{q}_floor", nan)]
+        rows = [pair("two-sample classifier accuracy (0.5 = cannot tell them apart)", "two_sample_accuracy"),
+                pair("precision (samples on the real manifold)", "precision"),
+                pair("recall (real slices the samples reach)", "recall"),
+                pair("density", "density"), pair("coverage", "coverage"),
+                pair("Frechet distance", "frechet"), pair("KID", "kid")]
+        if "empty" in gen:
+            rows.append([f"near-empty slices (head < {gen['empty']['area_threshold']:.0%} of the slice)",
+                         gen["empty"]["samples_fraction"], gen["empty"]["real_fraction"]])
+        rows += [["mean pairwise SSIM (diversity; lower = more diverse)", div["samples_pairwise_ssim"],
+                  div["real_pairwise_ssim"]],
+                 ["nearest-training-slice SSIM (median)", mem["nearest_train_ssim"]["median"],
+                  mem.get("heldout_nearest_train_ssim", {}).get("median", nan)]]
         for q, a in gen.get("anatomy", {}).items():
             rows.append([f"{q} (Wasserstein to real)", a["wasserstein"], a["floor_wasserstein"]])
         d.table(["metric", "samples", "real-vs-real floor"], rows)
+        levels = gen.get("per_level", {})
+        if levels.get("bins"):
+            cells = lambda b: [b.get(q, "skipped") for q in ("two_sample_accuracy", "two_sample_accuracy_floor",
+                                                              "precision", "precision_floor", "recall",
+                                                              "recall_floor")]
+            d.table(["level", "samples", "two-sample acc.", "floor", "precision", "floor", "recall", "floor"],
+                    [[f"{b['range'][0]:.2f}-{b['range'][1]:.2f}", b["n_samples"], *cells(b)]
+                     for b in levels["bins"]])
+        elif "skipped" in levels:
+            d.p(f"Level-by-level comparison skipped: {levels['skipped']}.")
+        if samples_dir and (samples_dir / "nearest_real.png").is_file():
+            d.figure(samples_dir / "nearest_real.png", "Each sample beside its nearest held-out real slice in the "
+                     "feature space (within the same level bin where levels are known).")
         d.p(f"Near-copies of training slices (SSIM > {mem['threshold']}): {mem['copies']} of {gen['n_samples']}. "
             f"Sampling speed: {_fmt(gen.get('samples_per_second') or float('nan'))} samples/s.")
 

@@ -1,22 +1,34 @@
-"""Metrics for generated slices: fidelity, diversity, memorisation, anatomy, speed.
+"""Metrics for generated slices, in a fixed feature space that compares across runs and versions.
 
-Feature space (``FEATURES_VERSION``): for an image x in [0, 1] of shape (1, H, W),
+Feature space (``FEATURES_VERSION``), identical for every run, machine and process (no download, no
+training, float64): an image x in [0, 1] is resized to 128x128 (bilinear, antialiased), then
 
-* the run's VQ-VAE encoder output z = encoder(x), shape (D, h, w), pooled over space per channel as
-  its mean and its standard deviation (2 D numbers), then
-* an 8-bin histogram of the intensities inside the head (pixels > 0.05), bins of equal width over
-  (0.05, 1], as fractions of the head pixels (8 numbers), and the head area as a fraction of the slice.
+* a random-weight conv net: 3x3 convolutions of 16, 32, 64, 64 channels (strides 1, 2, 2, 2), each followed
+  by ReLU, weights Kaiming-normal and biases N(0, 0.1^2) drawn from seed 0 by a local ``torch.Generator``;
+  the maps of every depth are pooled over space as mean and std per channel (352 numbers);
+* a 16-bin histogram of the intensities inside the head (pixels > 0.05), bins of equal width over
+  (0.05, 1], as fractions of the head pixels; the head area as a fraction of the slice;
+* the radially averaged log10 power spectrum in 16 equal bins of spatial frequency (0, 0.5] cycles/pixel.
 
-Before Fréchet distance and KID, every feature is standardised with the mean and standard deviation of
-the reference real half (so the histogram and latent parts weigh alike). They are only comparable between runs with the
-same VQ-VAE and the same ``FEATURES_VERSION``; the real-versus-real floor computed next to them (one half
-of the held-out slices against the other, at the same sample sizes) is the number to read them against.
+Every metric standardises the features by the held-out real slices' mean and std. Each is reported beside
+its real-vs-real floor: the same metric between slices of the training subjects (a seeded subset of the
+same size as the samples) and the held-out subjects. A generator that reproduced its training distribution
+perfectly would score the floor, so the gap to the floor is the number to read, not the raw value.
+
+Metrics: Fréchet distance and KID; precision, recall, density and coverage (Naeem et al. 2020, k = 5, the
+held-out slices as the real manifold); a classifier two-sample test (L2-regularised logistic regression on
+standardised features, k-fold cross-validated accuracy on balanced classes; 0.5 = cannot tell them apart);
+near-empty samples; memorisation (nearest training slice by SSIM); diversity; tissue anatomy. Where both
+the samples and the real slices carry a level in the volume, the comparison is repeated per level bin.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +37,25 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_text
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ..metrics import ssim, summarize
 
-FEATURES_VERSION = "oasisvq-features-1: vqvae-encoder mean+std per channel, 8-bin head histogram, head area"
+FEATURES_VERSION = ("oasisvq-features-2: 128x128 bilinear-antialiased input; random conv net (3x3, 16/32/64/64 "
+                    "channels, strides 1/2/2/2, ReLU, Kaiming weights from torch seed 0) mean+std per channel at "
+                    "every depth; 16-bin head histogram; head area; 16-bin radial log10 power spectrum; float64")
+FEATURE_SIZE = 128
+NET_LAYERS = ((16, 1), (32, 2), (64, 2), (64, 2))  # (channels, stride)
+NET_SEED = 0
 HEAD_THRESHOLD = 0.05
-HIST_BINS = 8
+HIST_BINS = 8  # the anatomy GMM's view; the feature histogram has FEATURE_HIST_BINS
+FEATURE_HIST_BINS = 16
+SPECTRUM_BINS = 16
+EMPTY_AREA = 0.02  # a sample with less head than this fraction of the slice counts as near-empty
+PRDC_K = 5
+TWO_SAMPLE_FOLDS, TWO_SAMPLE_REPEATS, TWO_SAMPLE_L2 = 5, 5, 1.0
+TWO_SAMPLE_MAX_PER_CLASS = 500  # bounds the classifier's cost; accuracy barely moves beyond a few hundred
+LEVEL_BINS = 3
+MIN_PER_LEVEL = 4  # samples and real slices a level bin needs to be compared
 TISSUES = ("csf", "grey", "white")  # T1 contrast: darkest to brightest
 
 
@@ -48,23 +73,72 @@ def _as_float_images(x: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- features
 
 
+@functools.lru_cache(maxsize=1)
+def _net_weights() -> tuple[tuple[torch.Tensor, torch.Tensor, int], ...]:
+    """The random conv net: a local generator, so the global RNG is untouched and every process agrees."""
+    g = torch.Generator().manual_seed(NET_SEED)
+    layers, c_in = [], 1
+    for c_out, stride in NET_LAYERS:
+        w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64) * math.sqrt(2.0 / (9 * c_in))
+        b = torch.randn(c_out, generator=g, dtype=torch.float64) * 0.1
+        layers.append((w, b, stride))
+        c_in = c_out
+    return tuple(layers)
+
+
+def features_fingerprint() -> str:
+    """Hash of the feature net's weights: changes if a torch release ever draws them differently."""
+    h = hashlib.sha256()
+    for w, b, _ in _net_weights():
+        h.update(w.numpy().tobytes())
+        h.update(b.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Radially averaged log10 power spectrum of (N, 1, S, S) in SPECTRUM_BINS bins of (0, 0.5] cycles/px."""
+    s = x.shape[-1]
+    power = torch.fft.fft2(x[:, 0]).abs().pow(2).flatten(1) / s**2
+    f = torch.fft.fftfreq(s, dtype=torch.float64, device=x.device)
+    r = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2).flatten()
+    b = torch.ceil(r / 0.5 * SPECTRUM_BINS).long() - 1  # DC -> -1, beyond Nyquist (corners) -> >= BINS
+    out = []
+    for k in range(SPECTRUM_BINS):
+        out.append(power[:, b == k].mean(1))
+    return torch.log10(torch.stack(out, 1) + 1e-10)
+
+
 @torch.no_grad()
-def features(images: Any, feature_model: torch.nn.Module, batch_size: int = 64) -> np.ndarray:
-    """Feature vectors (N, 2 D + 9) as float64, as described in the module docstring."""
-    encoder = getattr(feature_model, "encoder", feature_model)
-    device = next(encoder.parameters()).device
+def features(images: Any, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """Feature vectors (N, 385) as float64, as described in the module docstring; images (N, [1,] H, W)."""
+    device = torch.device(device)
+    net = [(w.to(device), b.to(device), s) for w, b, s in _net_weights()]
+    edges = torch.linspace(HEAD_THRESHOLD, 1.0, FEATURE_HIST_BINS + 1, dtype=torch.float64, device=device)
     out = []
     for i in range(0, len(images), batch_size):
-        x = _as_float_images(images[i:i + batch_size]).to(device)
-        z = encoder(x).float().flatten(2)
+        x = _as_float_images(images[i:i + batch_size]).to(device, torch.float64)
+        x = F.interpolate(x, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        parts, h = [], x
+        for w, b, stride in net:
+            h = F.relu(F.conv2d(h, w, b, stride=stride, padding=1))
+            parts += [h.mean((2, 3)), h.std((2, 3), unbiased=False)]
         head = x > HEAD_THRESHOLD
-        area = head.flatten(1).float().mean(1, keepdim=True)
-        edges = torch.linspace(HEAD_THRESHOLD, 1.0, HIST_BINS + 1, device=device)
-        b = torch.bucketize(x.clamp(0, 1), edges[1:-1], right=True)  # bin index 0..HIST_BINS-1
-        hist = torch.stack([((b == k) & head).flatten(1).sum(1) for k in range(HIST_BINS)], 1).float()
+        k = torch.bucketize(x, edges[1:-1], right=True)  # bin index 0..FEATURE_HIST_BINS-1
+        hist = torch.stack([((k == j) & head).flatten(1).sum(1) for j in range(FEATURE_HIST_BINS)], 1).double()
         hist = hist / hist.sum(1, keepdim=True).clamp_min(1)
-        out.append(torch.cat([z.mean(2), z.std(2, unbiased=False), hist, area], 1).double().cpu())
+        area = head.flatten(1).double().mean(1, keepdim=True)
+        out.append(torch.cat([*parts, hist, area, _spectrum(x)], 1).cpu())
+    if not out:
+        return np.zeros((0, 2 * sum(c for c, _ in NET_LAYERS) + FEATURE_HIST_BINS + 1 + SPECTRUM_BINS))
     return torch.cat(out).numpy()
+
+
+def standardize(ref: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Scale every feature by the reference set's mean and std, so no single feature dominates."""
+    mu, sd = ref.mean(0), ref.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    return [(x - mu) / sd for x in (ref, *others)]
 
 
 # ------------------------------------------------------------------------------------------- fidelity
@@ -103,11 +177,96 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 20, subset_size: int = 100,
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def standardize(ref: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """Scale every feature by the reference set's mean and std, so no single feature dominates."""
-    mu, sd = ref.mean(0), ref.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    return [(x - mu) / sd for x in (ref, *others)]
+def _cdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(d2, 0, None))
+
+
+def prdc(fake: np.ndarray, real: np.ndarray, k: int = PRDC_K) -> dict[str, float]:
+    """Precision, recall, density and coverage (Naeem et al. 2020) of ``fake`` against ``real`` features.
+
+    Each point's k-nearest-neighbour radius within its own set defines the manifold. ``k`` is lowered to
+    fit sets smaller than k + 1 (the value used is returned)."""
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    k = min(k, len(real) - 1, len(fake) - 1)
+    if k < 1:
+        raise ValueError("precision/recall need at least two feature vectors per set")
+    r_real = np.sort(_cdist(real, real), 1)[:, k]  # column 0 is the point itself
+    r_fake = np.sort(_cdist(fake, fake), 1)[:, k]
+    d = _cdist(fake, real)  # (fake, real)
+    inside = d <= r_real[None, :]
+    return {"precision": float(inside.any(1).mean()),
+            "recall": float((d <= r_fake[:, None]).any(0).mean()),
+            "density": float(inside.sum() / (k * len(fake))),
+            "coverage": float((d.min(0) <= r_real).mean()), "k": int(k)}
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 30) -> np.ndarray:
+    """Weights (d + 1, bias last) minimising mean log-loss + l2 / 2 |w|^2 by Newton's method."""
+    xa = np.hstack([x, np.ones((len(x), 1))])
+    reg = np.full(xa.shape[1], l2)
+    reg[-1] = 1e-6  # the bias is (almost) not penalised
+    w = np.zeros(xa.shape[1])
+    for _ in range(iters):
+        p = 0.5 * (1 + np.tanh(xa @ w / 2))  # a sigmoid that cannot overflow
+        grad = xa.T @ (p - y) / len(x) + reg * w
+        hess = (xa.T * (p * (1 - p))) @ xa / len(x) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-7:
+            break
+    return w
+
+
+def two_sample_test(fake: np.ndarray, real: np.ndarray, folds: int = TWO_SAMPLE_FOLDS,
+                    repeats: int = TWO_SAMPLE_REPEATS, l2: float = TWO_SAMPLE_L2, seed: int = 0
+                    ) -> dict[str, float]:
+    """Classifier two-sample test: cross-validated accuracy of a fixed classifier telling ``fake`` from
+    ``real`` features; 0.5 = indistinguishable, 1.0 = always told apart.
+
+    Both classes are subsampled to the smaller size (balanced, so chance is exactly 0.5). The classifier is
+    L2-regularised logistic regression on features standardised by each training fold; a strong, fixed
+    penalty keeps it from fitting noise when there are fewer slices than features. Mean and std over
+    ``repeats`` seeded subsamples and fold assignments."""
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    n = min(len(fake), len(real), TWO_SAMPLE_MAX_PER_CLASS)
+    folds = min(folds, n)
+    if folds < 2:
+        raise ValueError("the two-sample test needs at least two feature vectors per set")
+    rng, accs = np.random.default_rng(seed), []
+    for _ in range(repeats):
+        x = np.concatenate([fake[rng.choice(len(fake), n, replace=False)],
+                            real[rng.choice(len(real), n, replace=False)]])
+        y = np.repeat([1.0, 0.0], n)
+        fold = np.concatenate([rng.permutation(n) % folds, rng.permutation(n) % folds])  # stratified
+        correct = 0
+        for f in range(folds):
+            tr, te = fold != f, fold == f
+            x_tr, x_te = standardize(x[tr], x[te])
+            w = _logistic_fit(x_tr, y[tr], l2)
+            correct += int((((x_te @ w[:-1] + w[-1]) > 0) == (y[te] > 0.5)).sum())
+        accs.append(correct / (2 * n))
+    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "n_per_class": n,
+            "folds": folds}
+
+
+def compare(fake: np.ndarray, real: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Every distribution metric of ``fake`` against ``real`` features (both already standardised)."""
+    k, k_sd = kid(fake, real, seed=seed)
+    ts = two_sample_test(fake, real, seed=seed)
+    pr = prdc(fake, real)
+    return {"two_sample_accuracy": ts["accuracy"], "two_sample_accuracy_std": ts["accuracy_std"],
+            **{q: pr[q] for q in ("precision", "recall", "density", "coverage")},
+            "frechet": frechet_distance(fake, real), "kid": k, "kid_std": k_sd}
+
+
+def with_floor(fake: np.ndarray, floor: np.ndarray, real: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """:func:`compare` of the samples and of the real-vs-real floor set, as ``metric`` / ``metric_floor``."""
+    s, f = compare(fake, real, seed), compare(floor, real, seed)
+    out: dict[str, Any] = {}
+    for q in s:
+        out[q], out[f"{q}_floor"] = s[q], f[q]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ diversity
@@ -227,56 +386,127 @@ def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
 
 
+# ------------------------------------------------------------------------------------------ levels
+
+
+def level_bins(levels: Any, edges: Any) -> np.ndarray:
+    """Bin of each level in [0, 1] given bin ``edges``; -1 where the level is unknown (NaN)."""
+    lv, edges = np.asarray(levels, np.float64), np.asarray(edges, np.float64)
+    b = np.clip(np.searchsorted(edges, lv, side="right") - 1, 0, len(edges) - 2)
+    return np.where(np.isfinite(lv), b, -1)
+
+
+def _level_skip_reason(sample_levels: Any, heldout_levels: Any, train_levels: Any) -> str | None:
+    known = lambda v: v is not None and bool(np.isfinite(np.asarray(v, np.float64)).any())
+    if not known(sample_levels):
+        return "the samples carry no level (samples.json has no 'levels'; a level-conditional prior writes them)"
+    if not known(heldout_levels) or not known(train_levels):
+        return "the real slices carry no position in their volume (PNG slices have none; volumes do)"
+    return None
+
+
+def nearest_real(f_samples: np.ndarray, f_real: np.ndarray, b_samples: np.ndarray | None = None,
+                 b_real: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index and distance of each sample's nearest real slice in feature space, within the sample's level
+    bin where both bins are known (-1 = unknown) and that bin holds real slices, else among all."""
+    d = _cdist(f_samples, f_real)
+    if b_samples is not None and b_real is not None:
+        ok = (b_samples[:, None] == b_real[None, :]) & (b_samples[:, None] >= 0)
+        d = np.where(ok | ~ok.any(1, keepdims=True), d, np.inf)
+    idx = d.argmin(1)
+    return idx, d[np.arange(len(d)), idx]
+
+
 # ------------------------------------------------------------------------------------------ all together
 
 
-def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    return perm[: n // 2], perm[n // 2:]
+def _take(images: Any, idx: np.ndarray) -> Any:
+    """Images at ``idx`` from an array, tensor or :class:`_LazySlices` (N, [1,] H, W)."""
+    idx = np.asarray(idx, np.int64)
+    if isinstance(images, torch.Tensor):
+        return images[torch.from_numpy(idx)]
+    return images[idx] if isinstance(images, _LazySlices) else np.asarray(images)[idx]
 
 
-def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, feature_model: torch.nn.Module,
-                     *, copy_threshold: float = 0.95, samples_per_second: float | None = None,
-                     max_pairs: int = 500, seed: int = 0) -> dict[str, Any]:
+def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample_levels: Any = None,
+                     heldout_levels: Any = None, train_levels: Any = None, level_edges: Any = None,
+                     copy_threshold: float = 0.95, samples_per_second: float | None = None,
+                     max_pairs: int = 500, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """All generation metrics for ``samples`` (N, 1, H, W) in [0, 1] against real slices.
 
-    ``real_heldout`` (slices the VQ-VAE and prior never trained on) is split in halves A and B; the
-    samples and half B, subsampled to the same size, are each compared with half A, so the real-vs-real
-    "floor" has the same sample-size bias as the sample score. ``real_train`` is searched for copies.
+    ``real_heldout`` are slices of subjects the VQ-VAE and prior never trained on: the real reference.
+    ``real_train`` (slices of the training subjects; may be lazily indexed) gives the real-vs-real floor:
+    a seeded subset as large as the sample set is measured against the held-out slices exactly like the
+    samples, and it is searched for copies. Levels in [0, 1] (NaN = unknown) of each set enable the
+    per-level comparison in the bins ``level_edges`` (default: LEVEL_BINS equal bins).
     """
     s, real = _as_float_images(samples), _as_float_images(real_heldout)
-    if len(s) < 2 or len(real) < 4:
-        raise ValueError("evaluate_samples needs at least 2 samples and 4 held-out real slices")
+    if len(s) < 2 or len(real) < 4 or len(real_train) < 2:
+        raise ValueError("evaluate_samples needs at least 2 samples, 4 held-out and 2 training real slices")
     if s.shape[-2:] != real.shape[-2:]:
         raise ValueError(f"samples are {tuple(s.shape[-2:])} but real slices {tuple(real.shape[-2:])}")
-    ia, ib = _halves(len(real), seed)
-    m = min(len(s), len(ib))
-    f_s, f_r = features(s, feature_model), features(real, feature_model)
-    f_a, f_b, f_s = standardize(f_r[ia], f_r[ib], f_s)
+    edges = np.linspace(0, 1, LEVEL_BINS + 1) if level_edges is None else np.asarray(level_edges, np.float64)
+    skip = _level_skip_reason(sample_levels, heldout_levels, train_levels)
     rng = np.random.default_rng(seed + 1)
-    f_s_m, f_b_m = f_s[rng.choice(len(f_s), m, replace=False)], f_b[rng.choice(len(f_b), m, replace=False)]
-    kid_s, kid_s_sd = kid(f_s_m, f_a, seed=seed)
-    kid_r, kid_r_sd = kid(f_b_m, f_a, seed=seed)
+    m = min(len(s), len(real_train))  # the floor set is as large as the (compared) sample set
+    pick_s = np.sort(rng.choice(len(s), m, replace=False))
+    pick_t = [np.sort(rng.choice(len(real_train), m, replace=False))]
+    if skip is None:
+        b_s, b_r = level_bins(sample_levels, edges), level_bins(heldout_levels, edges)
+        b_t_all = level_bins(train_levels, edges)
+        for j in range(len(edges) - 1):  # per-level floor sets: training slices of that level, as many as samples
+            cand = np.flatnonzero(b_t_all == j)
+            pick_t.append(np.sort(rng.choice(cand, min(int((b_s == j).sum()), len(cand)), replace=False)))
+    need = np.unique(np.concatenate(pick_t))
+    train_imgs = _as_float_images(_take(real_train, need))
+    rows = lambda idx: np.searchsorted(need, idx)
+
+    f_r, f_s, f_t = standardize(features(real, device=device), features(s, device=device),
+                                features(train_imgs, device=device))
+    fidelity = with_floor(f_s[pick_s], f_t[rows(pick_t[0])], f_r, seed)
+
+    per_level: dict[str, Any] = {"edges": edges.tolist()}
+    if skip is not None:
+        per_level["skipped"] = skip
+    else:
+        per_level["bins"] = []
+        for j in range(len(edges) - 1):
+            fs, fr, ft = f_s[b_s == j], f_r[b_r == j], f_t[rows(pick_t[1 + j])]
+            row: dict[str, Any] = {"range": [float(edges[j]), float(edges[j + 1])], "n_samples": len(fs),
+                                   "n_real_heldout": len(fr), "n_floor": len(ft)}
+            if min(len(fs), len(fr), len(ft)) < MIN_PER_LEVEL:
+                row["skipped"] = f"fewer than {MIN_PER_LEVEL} samples, held-out or training slices at this level"
+            else:
+                row.update(with_floor(fs, ft, fr, seed))
+            per_level["bins"].append(row)
 
     gmm = fit_tissue_gmm(head_pixels(real), seed=seed)
-    an_s, an_r = anatomy_stats(s, gmm), anatomy_stats(real, gmm)
+    floor_imgs = train_imgs[rows(pick_t[0])]
+    an_s, an_r, an_t = anatomy_stats(s, gmm), anatomy_stats(real, gmm), anatomy_stats(floor_imgs, gmm)
     anatomy = {
         q: {"samples_mean": float(an_s[q].mean()), "real_mean": float(an_r[q].mean()),
-            "wasserstein": wasserstein_1d(an_s[q], an_r[q]),
-            "floor_wasserstein": wasserstein_1d(an_r[q][ia], an_r[q][ib])}
+            "wasserstein": wasserstein_1d(an_s[q], an_r[q]), "floor_wasserstein": wasserstein_1d(an_t[q], an_r[q])}
         for q in an_s
     }
     n_probe = min(len(s), len(real))
     memo = memorisation_report(s, real_train, copy_threshold)
     held_score, _ = nearest_train_ssim(real[:n_probe], real_train)
     memo["heldout_nearest_train_ssim"] = summarize(held_score)  # what "not a copy" looks like
+    near_i, near_d = nearest_real(f_s, f_r, *((b_s, b_r) if skip is None else (None, None)))
     return {
-        "features_version": FEATURES_VERSION,
+        "features_version": FEATURES_VERSION, "features_fingerprint": features_fingerprint(),
         "n_samples": len(s), "n_real_heldout": len(real), "n_real_train": len(real_train), "n_compared": m,
-        "fidelity": {
-            "frechet": frechet_distance(f_s_m, f_a), "frechet_floor": frechet_distance(f_b_m, f_a),
-            "kid": kid_s, "kid_std": kid_s_sd, "kid_floor": kid_r, "kid_floor_std": kid_r_sd,
-        },
+        "floor": "a seeded subset of training-subject slices, as many as the samples compared, against the "
+                 "same held-out slices",
+        "fidelity": fidelity,
+        "settings": {"prdc_k": PRDC_K, "two_sample_classifier": "L2-regularised logistic regression on features "
+                     "standardised per training fold, balanced classes",
+                     "two_sample_l2": TWO_SAMPLE_L2, "two_sample_folds": TWO_SAMPLE_FOLDS,
+                     "two_sample_repeats": TWO_SAMPLE_REPEATS,
+                     "two_sample_n_per_class": min(m, len(real), TWO_SAMPLE_MAX_PER_CLASS)},
+        "empty": {"area_threshold": EMPTY_AREA, "samples_fraction": float((an_s["head_area"] < EMPTY_AREA).mean()),
+                  "real_fraction": float((an_r["head_area"] < EMPTY_AREA).mean())},
+        "per_level": per_level,
         "diversity": {
             "samples_pairwise_ssim": pairwise_ssim_diversity(s, max_pairs, seed),
             "real_pairwise_ssim": pairwise_ssim_diversity(real, max_pairs, seed),
@@ -284,6 +514,8 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, feature_m
         "memorisation": memo,
         "anatomy": anatomy,
         "tissue_gmm": {k: v.tolist() for k, v in gmm.items()},
+        "nearest_real": {"real_index": near_i.tolist(), "distance": near_d.tolist(),
+                         "same_level": skip is None},
         "samples_per_second": samples_per_second,
     }
 
@@ -301,9 +533,9 @@ class _LazySlices:
         return len(self.slices)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.slices.uint8(np.arange(len(self))[i])
-        return self.slices.uint8([int(i)])[0]
+        if isinstance(i, (int, np.integer)):
+            return self.slices.uint8([int(i)])[0]
+        return self.slices.uint8(np.arange(len(self))[i])  # a slice or an index array
 
 
 def read_sample_pngs(samples_dir: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -323,27 +555,74 @@ def read_sample_pngs(samples_dir: Path | str) -> tuple[np.ndarray, dict[str, Any
     return np.stack([read_png(p) for p in paths]), info
 
 
+def sample_levels(info: dict[str, Any], n: int) -> np.ndarray | None:
+    """Level of each sample in [0, 1] from samples.json's ``levels`` (null entries -> NaN), else None."""
+    levels = info.get("levels")
+    if not isinstance(levels, list) or len(levels) != n:
+        return None
+    return np.array([math.nan if v is None else float(v) for v in levels])
+
+
+def uses_oasis(paths: list[str], subjects: Any = ()) -> bool:
+    """Whether real slices come from OASIS (a path naming it, or OASIS subject IDs): figures then carry
+    the OASIS acknowledgement. "oasisvq" (this package's own folders, e.g. the demo's) does not count."""
+    return any(re.search(r"oasis(?!vq)", str(p), re.IGNORECASE) for p in paths) or \
+        any(str(s).startswith(("OAS1_", "case_")) for s in subjects)
+
+
+def nearest_real_figure(samples: np.ndarray, real: np.ndarray, index: Any, distance: Any, path: Path,
+                        levels: Any = None, real_levels: Any = None, footer: str | None = None,
+                        max_pairs: int = 16) -> Path:
+    """Each sample (up to ``max_pairs``) beside its nearest held-out real slice in feature space."""
+    from ..figures import slice_grid
+
+    imgs, titles = [], []
+    fmt = lambda v: "" if v is None or not np.isfinite(v) else f", level {v:.2f}"
+    for i in range(min(max_pairs, len(samples))):
+        j = int(index[i])
+        imgs += [samples[i], real[j]]
+        titles += [f"sample {i}{fmt(None if levels is None else levels[i])}",
+                   f"real, d={distance[i]:.1f}{fmt(None if real_levels is None else real_levels[j])}"]
+    return slice_grid(np.stack(imgs), path, titles=titles, cols=8, footer=footer,
+                      title="samples beside the nearest held-out real slice (fixed feature space)")
+
+
 def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str = "test",
                         max_real: int = 1000, copy_threshold: float = 0.95, device: str = "auto",
                         cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True
                         ) -> dict[str, Any]:
     """Generation metrics of the samples in ``samples_dir`` against the run's ``split`` slices (at most
-    ``max_real``, a seeded subset) and its training slices; written to ``samples_dir/samples_metrics.json``."""
+    ``max_real``, a seeded subset) and its training slices; written to ``samples_dir/samples_metrics.json``
+    with the figure ``samples_dir/nearest_real.png``. Features run on ``device`` in float64."""
     from .. import data  # looked up at call time: tests stand in their own slices
-    from ..training import load_model, pick_device
+    from ..config import RunConfig
+    from ..download import OASIS_ACKNOWLEDGEMENT
+    from ..training import pick_device
 
+    run_dir, samples_dir = Path(run_dir), Path(samples_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.json); train one with `oasisvq train`")
+    run_cfg = RunConfig.load(run_dir / "config.json")
     samples, info = read_sample_pngs(samples_dir)
-    dev = pick_device(device)
-    vq, run_cfg = load_model(run_dir, "best", dev)
     slices = data.load_slices(run_cfg.data, cache_dir, progress=progress)
-    held = slices.split(split)
+    held, train = slices.split(split), slices.split("train")
     if samples.shape[1:] != tuple(held.shape):
         raise DataError(f"{samples_dir}: samples are {samples.shape[1:]} but the run's slices {tuple(held.shape)}")
     pick = np.sort(np.random.default_rng(seed).permutation(len(held))[:max_real])
-    report = evaluate_samples(samples, held.uint8(pick), _LazySlices(slices.split("train")), vq,
+    levels = sample_levels(info, len(samples))
+    real = held.uint8(pick)
+    report = evaluate_samples(samples, real, _LazySlices(train), sample_levels=levels,
+                              heldout_levels=held.position[pick], train_levels=train.position,
                               copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),
-                              seed=seed)
+                              seed=seed, device=pick_device(device))
+    oasis = uses_oasis(run_cfg.data.paths, held.subjects)
+    footer = f"Real slices: {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498." if oasis else None
+    near = report["nearest_real"]
+    nearest_real_figure(samples, real, near["real_index"], near["distance"], samples_dir / "nearest_real.png",
+                        levels, held.position[pick], footer)
+    near.update({"figure": "nearest_real.png", "oasis_acknowledged": oasis})
     report["heldout_split"] = split
-    report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "device")}
-    atomic_write_text(Path(samples_dir) / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
+    report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "level",
+                                                   "guidance", "steps", "device")}
+    atomic_write_text(samples_dir / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
     return report
