@@ -1,100 +1,113 @@
-"""Benchmark the priors of a trained run: train each for M minutes, sample, measure, print one table.
+"""Generation against the code grid and the prior kind: one table, each metric beside its real-vs-real floor.
 
-    python benchmarks/generation.py --run RUN_DIR --minutes 10 [--kinds transformer pixelcnn] [--n 64]
+    python benchmarks/generation.py --runs RUN [RUN ...] --minutes 8 [--kinds maskgit transformer] [--n 64]
 
-A prior that already exists in RUN_DIR/prior-<kind>/ is reused unless --retrain is given. Samples and
-their samples_metrics.json go to OUT/<kind>/ (default RUN_DIR/benchmark-generation/). Each metric is
-printed next to its real-vs-real floor (two halves of the held-out slices, same sample size).
+Each RUN is a trained VQ-VAE (``oasisvq train``; its grid and training time are read from it). For every
+run: held-out reconstruction (``oasisvq evaluate``, whole slice and in the head, beside the down-f-up
+floor), then for every prior kind: train for M minutes (reused if RUN/prior-<kind> exists, unless
+--retrain), sample N slices (conditional priors at levels drawn uniformly over the head), and measure them
+in the fixed feature space (``oasisvq evaluate-samples``). Samples, grids and samples_metrics.json go to
+OUT/<run name>/<kind>/ (default RUN/benchmark-generation/<kind>/); the table is also written as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from oasisvq.checkpoint import load_checkpoint
 from oasisvq.errors import OasisVQError
-from oasisvq.evaluation import evaluate_sample_dir
-from oasisvq.sampling import prior_dir, sample, train_prior
+from oasisvq.evaluation import evaluate, evaluate_sample_dir
+from oasisvq.prior import prior_dir, train_prior
+from oasisvq.sampling import sample
+
+COLUMNS = [("run", "{}"), ("grid", "{}"), ("prior", "{}"), ("tok min", "{:.1f}"), ("prior min", "{:.1f}"),
+           ("steps", "{}"), ("val bits", "{:.3f}"), ("SSIM", "{:.3f}"), ("in head", "{:.3f}"),
+           ("floor", "{:.3f}"), ("2-sample acc", "{}"), ("precision", "{}"), ("recall", "{}"),
+           ("density", "{}"), ("coverage", "{}"), ("Frechet", "{}"), ("near-empty", "{}"), ("copies", "{}"),
+           ("samples/s", "{:.2f}")]
 
 
-def _row(label: str, values: list, floor=None, fmt: str = "{:.4g}") -> str:
-    cells = [fmt.format(v) if isinstance(v, (int, float)) and v is not None else str(v) for v in values]
-    f = "" if floor is None else fmt.format(floor) if isinstance(floor, (int, float)) else str(floor)
-    return f"{label:<34}" + "".join(f"{c:>14}" for c in cells) + f"{f:>14}"
+def _pair(fid: dict, q: str, fmt: str = "{:.2f}") -> str:
+    """A metric and its real-vs-real floor, as 'value [floor]'."""
+    return f"{fmt.format(fid[q])} [{fmt.format(fid[q + '_floor'])}]"
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[c]) for c, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, type=Path, help="a trained VQ-VAE run folder")
+    ap.add_argument("--runs", required=True, nargs="+", type=Path, help="trained VQ-VAE run folders")
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per prior (minutes)")
-    ap.add_argument("--kinds", nargs="+", default=["transformer", "pixelcnn"])
+    ap.add_argument("--kinds", nargs="+", default=["maskgit", "transformer"])
     ap.add_argument("--n", type=int, default=64, help="samples per prior")
-    ap.add_argument("--batch-size", type=int, default=16, help="sampling batch size")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of conditional priors")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16, help="sampling batch size")
     ap.add_argument("--max-real", type=int, default=1000, help="held-out real slices compared")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/benchmark-generation)")
     ap.add_argument("--retrain", action="store_true", help="retrain priors that already exist")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     args = ap.parse_args(argv)
-    out = args.out or args.run / "benchmark-generation"
     arch = {k: v for k, v in (("layers", args.layers), ("width", args.width)) if v is not None}
 
-    results = {}
+    rows = []
     try:
-        for kind in args.kinds:
-            pdir = prior_dir(args.run, kind)
-            if args.retrain or not (pdir / "last.safetensors").is_file():
-                t0 = time.perf_counter()
-                train_prior(args.run, kind, epochs=10**6, max_minutes=args.minutes, device=args.device,
-                            overwrite=True, **arch)
-                print(f"{kind}: trained for {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
-            meta = load_checkpoint(pdir / "last.safetensors")[1]
-            info = sample(args.run, kind, n=args.n, out=out / kind, temperature=args.temperature,
-                          top_k=args.top_k, batch_size=args.batch_size, device=args.device)
-            report = evaluate_sample_dir(args.run, out / kind, max_real=args.max_real, device=args.device)
-            results[kind] = {"train_min": meta["elapsed_s"] / 60, "steps": meta["step"],
-                             "val_bits": meta["best_val_bits"], "samples_per_s": info["samples_per_second"],
-                             "report": report}
+        for run in args.runs:
+            tok = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
+            rec = evaluate(run, split="test", device=args.device, progress=False)
+            floor = next(k for k in rec["floors"] if k.startswith("down"))
+            for kind in args.kinds:
+                out = (args.out / run.name if args.out else run / "benchmark-generation") / kind
+                pdir = prior_dir(run, kind)
+                if args.retrain or not (pdir / "last.safetensors").is_file():
+                    train_prior(run, kind, epochs=10**6, max_minutes=args.minutes, device=args.device,
+                                overwrite=True, progress=False, **arch)
+                meta = load_checkpoint(pdir / "last.safetensors")[1]
+                conditional = meta["prior_config"]["num_classes"] > 0
+                info = sample(run, kind, n=args.n, out=out, temperature=args.temperature,
+                              level=(0.0, 1.0) if conditional else None,
+                              guidance=args.guidance if conditional else 1.0, batch_size=args.batch_size,
+                              device=args.device, progress=False)
+                rep = evaluate_sample_dir(run, out, max_real=args.max_real, device=args.device, progress=False)
+                fid, mem = rep["fidelity"], rep["memorisation"]
+                rows.append({
+                    "run": run.name, "grid": f"{rec['code_grid']}x{rec['code_grid']}", "prior": kind,
+                    "tok min": tok["elapsed_s"] / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
+                    "val bits": meta["best_val_bits"], "SSIM": rec["model"]["ssim"]["mean"],
+                    "in head": rec["model"]["ssim_head"]["mean"], "floor": rec["floors"][floor]["ssim"]["mean"],
+                    "2-sample acc": _pair(fid, "two_sample_accuracy"), "precision": _pair(fid, "precision"),
+                    "recall": _pair(fid, "recall"), "density": _pair(fid, "density"),
+                    "coverage": _pair(fid, "coverage"), "Frechet": _pair(fid, "frechet", "{:.1f}"),
+                    "near-empty": f"{rep['empty']['samples_fraction']:.2f} [{rep['empty']['real_fraction']:.2f}]",
+                    "copies": mem["copies"], "samples/s": info["samples_per_second"],
+                    "conditional": conditional, "samples": str(out)})
+                print(f"{run.name} {kind}: done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     except OasisVQError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    kinds = list(results)
-    r0 = results[kinds[0]]["report"]
-    get = lambda path: [_dig(results[k]["report"], path) for k in kinds]
-    lines = [_row("metric", kinds, "real floor", fmt="{}"), "-" * (34 + 14 * (len(kinds) + 1))]
-    lines.append(_row("train time (min)", [results[k]["train_min"] for k in kinds]))
-    lines.append(_row("training steps", [results[k]["steps"] for k in kinds], fmt="{}"))
-    lines.append(_row("val bits/code (best)", [results[k]["val_bits"] for k in kinds]))
-    lines.append(_row("samples/s", [results[k]["samples_per_s"] for k in kinds]))
-    lines.append(_row("Frechet distance", get("fidelity.frechet"), r0["fidelity"]["frechet_floor"]))
-    lines.append(_row("KID", get("fidelity.kid"), r0["fidelity"]["kid_floor"]))
-    lines.append(_row("pairwise SSIM (diversity)", get("diversity.samples_pairwise_ssim"),
-                      r0["diversity"]["real_pairwise_ssim"]))
-    lines.append(_row("nearest-train SSIM (mean)", get("memorisation.nearest_train_ssim.mean"),
-                      r0["memorisation"]["heldout_nearest_train_ssim"]["mean"]))
-    lines.append(_row("nearest-train SSIM (max)", get("memorisation.nearest_train_ssim.max")))
-    lines.append(_row(f"copies (SSIM > {r0['memorisation']['threshold']})", get("memorisation.copies"), fmt="{}"))
-    for q in r0["anatomy"]:
-        lines.append(_row(f"{q}: W1 samples vs real", get(f"anatomy.{q}.wasserstein"),
-                          r0["anatomy"][q]["floor_wasserstein"]))
-    print(f"run {args.run}, {args.n} samples per prior, features: {r0['features_version']}")
-    print("\n".join(lines))
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{args.n} samples per prior, guidance {args.guidance}; [real-vs-real floor]; features: "
+          f"{rep['features_version'].split(':')[0]}")
+    print(_table(rows))
+    target = args.out or args.runs[0] / "benchmark-generation"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
-
-
-def _dig(d: dict, path: str):
-    for part in path.split("."):
-        d = d[part]
-    return d
 
 
 if __name__ == "__main__":

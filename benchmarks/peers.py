@@ -215,7 +215,7 @@ def run_oasisvq(name: str, budgets: list[float], batch_size: int, threads: int, 
     import csv
 
     from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
-    from oasisvq.training import load_model, train
+    from oasisvq.tokenizer import load_model, train
 
     _, test = _datasets(cache_dir)
     cfg = RunConfig(data=DataConfig(paths=[str(DATA / "oasis1_t88_axial"), str(DATA / "oasis1_mni_volumes")],

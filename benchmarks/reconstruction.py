@@ -21,7 +21,7 @@ import torch
 
 from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
 from oasisvq.evaluation import evaluate
-from oasisvq.training import load_model, train
+from oasisvq.tokenizer import load_model, train
 
 DATA = Path(os.environ.get("OASISVQ_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

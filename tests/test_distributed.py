@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from oasisvq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from oasisvq.training import Interrupted
 
 from .conftest import shared
 
@@ -43,6 +44,9 @@ def _cfg(t88: str, batch_size: int, epochs: int = 2) -> RunConfig:
 
 
 def _join_env(rank: int, world: int, port: int) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(200, exit=True)  # a rank that hangs prints where, before the runner gives up
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -75,26 +79,26 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cache: s
             signal_at: tuple[int, int] | None = None) -> None:
     """One rank: train with hooks that record (state before each step, loss of each step, final state)."""
     _join_env(rank, world, port)
-    import oasisvq.training as tr
+    import oasisvq.tokenizer as tk
 
     states, losses, final = [], [], {}
-    orig_init, orig_run = tr._Trainer.__init__, tr._Trainer.run
+    orig_init, orig_fit = tk.VQVAETask.__init__, tk.fit
 
     def init(self, *a, **kw):
         orig_init(self, *a, **kw)
         _record_steps(self.model, states, losses, lambda args, out: float(out[1]["loss"].detach()), rank,
                       signal_at)
 
-    def run(self, resume):
-        result = orig_run(self, resume)
-        final.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+    def fit(task, *a, **kw):
+        result = orig_fit(task, *a, **kw)
+        final.update({k: v.detach().clone() for k, v in task.model.state_dict().items()})
         return result
 
-    tr._Trainer.__init__, tr._Trainer.run = init, run
+    tk.VQVAETask.__init__, tk.fit = init, fit
     stopped = ""
     try:
-        tr.train(RunConfig.from_dict(cfg_dict), out, cache_dir=cache, progress=False)
-    except tr.Interrupted as e:
+        tk.train(RunConfig.from_dict(cfg_dict), out, cache_dir=cache, progress=False)
+    except Interrupted as e:
         stopped = str(e)
     torch.save({"states": states, "losses": losses, "final": final, "stopped": stopped}, f"{record}.rank{rank}.pt")
 
@@ -183,8 +187,9 @@ def test_torchrun_cli_then_resume_in_one_process(tmp_path, session_cache):
                    "--no-progress"])
     assert rc == 0
     meta = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
-    # the step count is converted to single-process steps of 8 slices: 3 epochs of 15 steps
-    assert meta["world_size"] == 1 and meta["epoch"] == 2 and meta["step"] == 3 * 15
+    # the step count is converted to single-process steps of 8 slices: 3 epochs of 15 steps (a checkpoint at
+    # the end of an epoch records the position to continue from: the start of the next)
+    assert meta["world_size"] == 1 and (meta["epoch"], meta["step_in_epoch"]) == (3, 0) and meta["step"] == 3 * 15
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(r["val_ssim"] for r in rows)
@@ -210,15 +215,14 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, sessi
 
 # --------------------------------------------------------------------------------------------- priors
 
-PRIOR = {"layers": 2, "width": 16, "heads": 2, "kernel": 3}
+PRIOR = {"layers": 2, "width": 16, "heads": 2, "kernel": 3, "num_classes": 0}  # no level dropout: per-rank RNG
 
 
 def _prior_worker(rank: int, world: int, port: int, run_dir: str, batch_size: int, epochs: int, record: str,
                   signal_at: tuple[int, int] | None = None, resume: bool = False) -> None:
     """One rank of train_prior on synthetic code grids, recording states before each step and losses."""
     _join_env(rank, world, port)
-    from oasisvq import sampling
-    from oasisvq.training import Interrupted
+    from oasisvq import prior
 
     from .test_sampling import _slices
 
@@ -226,18 +230,18 @@ def _prior_worker(rank: int, world: int, port: int, run_dir: str, batch_size: in
     import oasisvq.data
     oasisvq.data.load_slices = lambda *a, **kw: data
     states, losses = [], []
-    orig_init = sampling._PriorTrainer.__init__
+    orig_init = prior.PriorTask.__init__
 
     def init(self, *a, **kw):
         orig_init(self, *a, **kw)
         _record_steps(self.model, states, losses,
                       lambda args, out: float(torch.nn.functional.cross_entropy(out.float(), args[0])), rank, signal_at)
 
-    sampling._PriorTrainer.__init__ = init
+    prior.PriorTask.__init__ = init
     stopped, result = "", {}
     options = {} if resume else dict(PRIOR, batch_size=batch_size)
     try:
-        result = sampling.train_prior(run_dir, "transformer", epochs=epochs, device="cpu", progress=False,
+        result = prior.train_prior(run_dir, "transformer", epochs=epochs, device="cpu", progress=False,
                                       resume=resume, **options)
     except Interrupted as e:
         stopped = str(e)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oasisvq import sampling
+from oasisvq import prior, sampling
 from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.config import DataConfig, ModelConfig, RunConfig
 from oasisvq.data import SliceSet
@@ -69,7 +69,7 @@ def _weights(path):
 
 
 def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_path):
-    res = sampling.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
+    res = prior.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
     pdir = run / "prior-transformer"
     for name in ("last.safetensors", "best.safetensors", "metrics.csv", "curve.png", "codes.safetensors"):
         assert (pdir / name).is_file(), name
@@ -81,8 +81,8 @@ def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_pat
 
     # the same two epochs as one epoch + resume give identical weights (order, dropout RNG, optimizer)
     (pdir / "last.safetensors").unlink()
-    sampling.train_prior(run, "transformer", epochs=1, progress=False, overwrite=True, dropout=0.2, **TINY)
-    sampling.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
+    prior.train_prior(run, "transformer", epochs=1, progress=False, overwrite=True, dropout=0.2, **TINY)
+    prior.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
     resumed = _weights(pdir / "last.safetensors")
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
@@ -90,19 +90,19 @@ def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_pat
         assert len(list(csv.DictReader(f))) == 2
 
     with pytest.raises(ConfigError):  # refuses to overwrite silently
-        sampling.train_prior(run, "transformer", epochs=1, progress=False, **TINY)
+        prior.train_prior(run, "transformer", epochs=1, progress=False, **TINY)
     with pytest.raises(ConfigError):  # resume keeps the saved architecture
-        sampling.train_prior(run, "transformer", epochs=3, resume=True, progress=False, width=32)
+        prior.train_prior(run, "transformer", epochs=3, resume=True, progress=False, width=32)
 
 
 def test_train_prior_stops_on_time_budget(run):
-    res = sampling.train_prior(run, "pixelcnn", epochs=1000, max_minutes=1e-9, progress=False, **TINY)
+    res = prior.train_prior(run, "pixelcnn", epochs=1000, max_minutes=1e-9, progress=False, **TINY)
     # the budget is spent before the first step: nothing trained, nothing checkpointed
     assert res.get("stopped_by_time") and not (run / "prior-pixelcnn" / "last.safetensors").exists()
 
 
 def test_sample_reproducible_pngs_and_guards(run, tmp_path):
-    sampling.train_prior(run, "pixelcnn", epochs=1, progress=False, **TINY)
+    prior.train_prior(run, "pixelcnn", epochs=1, progress=False, num_classes=0, **TINY)  # unconditional
     a = sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "a", seed=3, batch_size=2, progress=False)
     sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "b", seed=3, batch_size=2, progress=False)
     sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "c", seed=4, batch_size=2, progress=False)
@@ -131,7 +131,7 @@ def test_sample_reproducible_pngs_and_guards(run, tmp_path):
 
 
 def test_conditional_prior_and_sample_metrics(run, tmp_path):
-    sampling.train_prior(run, "transformer", epochs=1, progress=False, num_classes=3, **TINY)
+    prior.train_prior(run, "transformer", epochs=1, progress=False, num_classes=3, **TINY)
     info = sampling.sample(run, "transformer", n=4, out=tmp_path / "s", cond=2, seed=0, progress=False)
     assert info["classes"] == [2, 2, 2, 2]
     with pytest.raises(ConfigError):
@@ -149,10 +149,10 @@ def test_conditional_prior_and_sample_metrics(run, tmp_path):
 
 
 def test_position_classes():
-    got = sampling.position_classes(np.array([0.0, 0.32, 0.34, 0.99, 1.0]), 3)
+    got = prior.position_classes(np.array([0.0, 0.32, 0.34, 0.99, 1.0]), 3)
     assert got.tolist() == [0, 0, 1, 2, 2]
     with pytest.raises(DataError):
-        sampling.position_classes(np.array([0.5, np.nan]), 3)
+        prior.position_classes(np.array([0.5, np.nan]), 3)
 
 
 def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
@@ -165,20 +165,20 @@ def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_generation", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = bench.main(["--run", str(run), "--minutes", "0.01", "--n", "4", "--layers", "1", "--width", "16",
-                     "--out", str(tmp_path / "bench"), "--device", "cpu"])
+    rc = bench.main(["--runs", str(run), "--kinds", "transformer", "pixelcnn", "--minutes", "0.01", "--n", "4",
+                     "--layers", "1", "--width", "16", "--out", str(tmp_path / "bench"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "transformer" in out and "pixelcnn" in out and "Frechet distance" in out and "samples/s" in out
-    assert (tmp_path / "bench" / "pixelcnn" / "samples_metrics.json").is_file()
+    assert "transformer" in out and "pixelcnn" in out and "Frechet" in out and "samples/s" in out
+    assert (tmp_path / "bench" / "run" / "pixelcnn" / "samples_metrics.json").is_file()
 
 
 def test_resume_after_a_crash_mid_epoch(run, monkeypatch):
-    sampling.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
+    prior.train_prior(run, "transformer", epochs=2, progress=False, dropout=0.2, **TINY)
     pdir = run / "prior-transformer"
     straight = _weights(pdir / "last.safetensors")
 
-    monkeypatch.setattr(sampling, "SAVE_EVERY_S", 0.0)  # checkpoint after every step
+    monkeypatch.setattr("oasisvq.training.SAVE_EVERY_S", 0.0)  # checkpoint after every step
     real_clip, calls = torch.nn.utils.clip_grad_norm_, []
 
     def crash_on_fifth(*a, **k):
@@ -189,11 +189,11 @@ def test_resume_after_a_crash_mid_epoch(run, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        sampling.train_prior(run, "transformer", epochs=2, progress=False, overwrite=True, dropout=0.2, **TINY)
+        prior.train_prior(run, "transformer", epochs=2, progress=False, overwrite=True, dropout=0.2, **TINY)
     meta = load_checkpoint(pdir / "last.safetensors")[1]
     assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 1, 4)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    sampling.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
+    prior.train_prior(run, "transformer", epochs=2, resume=True, progress=False)
     resumed = _weights(pdir / "last.safetensors")
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
@@ -212,3 +212,37 @@ def test_cli_commands(run, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "s").glob("sample_*.png")) == [f"sample_00{i}.png" for i in range(3)]
     assert main(["evaluate-samples", str(run), str(tmp_path / "s"), "--device", "cpu", "--no-progress"]) == 0
     assert "Frechet" in capsys.readouterr().out
+
+
+def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp_path, monkeypatch):
+    res = prior.train_prior(run, "maskgit", epochs=2, progress=False, **TINY)
+    meta = load_checkpoint(run / "prior-maskgit" / "last.safetensors")[1]
+    assert meta["prior_config"]["num_classes"] == prior.LEVEL_CLASSES and meta["prior_format"] == prior.PRIOR_FORMAT
+    assert 0 < res["val_bits"] < 6 and res["step"] == 2 * 3
+    info = sampling.sample(run, "maskgit", n=6, out=tmp_path / "lv", level=(0.2, 0.4), guidance=2.0, steps=4,
+                           progress=False)
+    assert all(0.2 <= v <= 0.4 for v in info["levels"]) and len(info["levels"]) == 6
+    assert info["classes"] == [int(v * prior.LEVEL_CLASSES) for v in info["levels"]]
+    # slices without a level (PNG sets without slice numbers): an unconditional prior, and no level choice
+    data = _slices()
+    data = SliceSet(data.images, dict(data.index, positions=[float("nan")] * len(data)))
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
+    (run / "prior-pixelcnn").mkdir()
+    prior.train_prior(run, "pixelcnn", epochs=1, progress=False, **TINY)
+    assert load_checkpoint(run / "prior-pixelcnn" / "last.safetensors")[1]["prior_config"]["num_classes"] == 0
+    with pytest.raises(ConfigError, match="steps"):
+        sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "x", steps=4, progress=False)
+    for bad in ({"level": 0.5}, {"guidance": 2.0}):
+        with pytest.raises(ConfigError, match="conditional prior"):
+            sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "y", progress=False, **bad)
+
+
+def test_a_conditional_prior_of_the_previous_format_fails_with_one_line(run):
+    prior.train_prior(run, "transformer", epochs=1, progress=False, num_classes=3, **TINY)
+    path = run / "prior-transformer" / "best.safetensors"
+    tensors, meta = load_checkpoint(path)
+    del meta["prior_format"]
+    meta["oasisvq_version"] = "0.1.0"
+    save_checkpoint(path, tensors, meta)
+    with pytest.raises(CheckpointError, match=r"oasisvq 0\.1\.0 \(prior format 1\).*--overwrite"):
+        prior.load_prior(run, "transformer")

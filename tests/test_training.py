@@ -13,7 +13,7 @@ from oasisvq.checkpoint import load_checkpoint
 from oasisvq.cli import main as cli_main
 from oasisvq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from oasisvq.errors import TrainingError
-from oasisvq.training import train
+from oasisvq.tokenizer import train
 
 from .conftest import shared
 

@@ -37,6 +37,17 @@ _positive_int = _positive(int, "an integer")
 _positive_float = _positive(float, "a number")
 
 
+def _level(text: str) -> float | tuple[float, float]:
+    """``0.4`` or ``0.3:0.8``: a level or a range of levels in [0, 1] (0 = lowest head-bearing slice)."""
+    try:
+        parts = [float(t) for t in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level (0.4) or a range (0.3:0.8)") from None
+    if len(parts) > 2 or not all(0 <= p <= 1 for p in parts) or parts != sorted(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: levels lie in [0, 1], a range as LOW:HIGH")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line errors: ``oasisvq: error: argument -n: ...`` (exit code 2)."""
 
@@ -107,7 +118,7 @@ def build_train_config(a):
 
 
 def cmd_train(a) -> int:
-    from .training import train
+    from .tokenizer import train
 
     if a.resume and not a.data and not a.config:
         cfg = None  # continue the run as configured on disk
@@ -152,10 +163,11 @@ def cmd_reconstruct(a) -> int:
 
 
 def cmd_train_prior(a) -> int:
-    from .sampling import train_prior
+    from .prior import train_prior
 
     options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
-                                          "seed", "kernel") if getattr(a, k) is not None}
+                                          "seed", "kernel", "cond_dropout", "decode_steps")
+               if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
@@ -170,8 +182,8 @@ def cmd_sample(a) -> int:
     from .sampling import sample
 
     info = sample(a.run, a.prior, n=a.n, out=a.out, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                  cond=a.cond, batch_size=a.batch_size, device=a.device, which=a.checkpoint,
-                  progress=not a.no_progress)
+                  cond=a.cond, level=a.level, guidance=a.guidance, steps=a.steps, batch_size=a.batch_size,
+                  device=a.device, which=a.checkpoint, progress=not a.no_progress)
     out = a.out or Path(a.run) / f"samples-{a.prior}"
     print(f"{info['n']} samples in {out} ({info['samples_per_second']:.2f} samples/s)")
     return 0
@@ -236,15 +248,49 @@ def cmd_report(a) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
-def _add_run_options(p: argparse.ArgumentParser, cache: bool = False) -> None:
-    """The options every command that loads a run shares."""
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    if cache:
-        p.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
+# Options several commands share, each defined once here.
+
+
+def _opt_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, help="auto (default), cpu, cuda or cuda:N")
+
+
+def _opt_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
+
+
+def _opt_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _opt_checkpoint(p: argparse.ArgumentParser, paths: bool = True) -> None:
+    if paths:
+        p.add_argument("--checkpoint", default="best", help="best (default), last, or a .safetensors path")
+    else:
+        p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+
+
+def _opt_budget(p: argparse.ArgumentParser, epochs_help: str, minutes_help: str) -> None:
+    p.add_argument("--epochs", type=_positive_int, help=epochs_help)
+    p.add_argument("--max-minutes", type=_positive_float, help=minutes_help)
+
+
+def _opt_resume(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resume", action="store_true", help=f"continue {what} from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists")
+
+
+def _add_run_options(p: argparse.ArgumentParser, cache: bool = False) -> None:
+    """The options every command that loads a run shares."""
+    _opt_device(p)
+    if cache:
+        _opt_cache(p)
+    _opt_progress(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .models.priors import PRIOR_KINDS
+
     p = _Parser(prog="oasisvq", description=(
         "Learn brain MRI with a VQ-VAE, generate new slices from a prior over its codes, and measure both."))
     p.add_argument("--version", action="version", version=f"oasisvq {__version__}")
@@ -259,10 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--minutes", type=_positive_float, default=10.0, help="compute budget in minutes (default 10)")
     dm.add_argument("--data", action="append", help="use your own data instead (repeatable)")
     dm.add_argument("--samples", type=int, default=32, help="how many slices to generate (16..256, default 32)")
-    dm.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--overwrite", action="store_true", help="replace a non-demo folder at --out")
-    dm.add_argument("--no-progress", action="store_true")
+    _add_run_options(dm)
     dm.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser("report", help="write a self-contained HTML (+ Markdown) report of a run",
@@ -287,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"], help="volumes: slicing axis")
     d.add_argument("--pattern", default="", help="volumes: only files matching this glob (e.g. '*masked_gfc*')")
     d.add_argument("--skip-bad", action="store_true", help="skip unreadable files and list them instead of stopping")
-    d.add_argument("--cache-dir", type=Path, help="slice cache folder (default: $OASISVQ_CACHE or ~/.cache/oasisvq)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _opt_cache(d)
+    _opt_progress(d)
     d.set_defaults(func=cmd_data_inspect)
 
     d = dsub.add_parser("download", help="download the OASIS-1 cross-sectional release",
@@ -299,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--discs", type=_positive_int, nargs="+", help="disc numbers 1..12 (default: all)")
     d.add_argument("--accept-terms", action="store_true", help="accept the OASIS data use terms (printed)")
     d.add_argument("--base-url", help="mirror base URL (also $OASISVQ_OASIS1_URL)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _opt_progress(d)
     d.set_defaults(func=cmd_data_download)
 
     d = dsub.add_parser("prepare", help="slice OASIS-1 volumes into a training set",
@@ -314,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--with-masks", action="store_true", help="also write FSL tissue masks (seg_ PNGs)")
     d.add_argument("--format", default="png", choices=["png", "cache"])
     d.add_argument("--seed", type=int, default=0, help="subject split seed")
-    d.add_argument("--no-progress", action="store_true")
+    _opt_progress(d)
     d.set_defaults(func=cmd_data_prepare)
 
     # train
@@ -325,21 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="run folder")
     t.add_argument("--config", type=Path, help="JSON run config (as written to a run's config.json)")
     t.add_argument("--preset", choices=["cpu", "cpu-f8", "cpu-f16", "gpu", "gpu-f8"], help="model preset (default: cpu)")
-    t.add_argument("--epochs", type=_positive_int, help="number of epochs")
-    t.add_argument("--max-minutes", type=_positive_float, help="training time budget in minutes")
+    _opt_budget(t, "number of epochs", "training time budget in minutes (all calls together)")
     t.add_argument("--batch-size", type=_positive_int, help="slices per step and process")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate")
     t.add_argument("--downsample", type=int, choices=[4, 8, 16], help="image size / code grid size")
     t.add_argument("--size", type=_positive_int, help="slice size (multiple of 16)")
-    t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    _opt_device(t, default=None)
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--compile", choices=["auto", "on", "off"],
                    help="torch.compile the model (default auto: runs of >= 1 minute or >= 100 steps)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--cache-dir", type=Path, help="slice cache folder")
+    _opt_resume(t, "the run in --out")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable data files (listed) instead of stopping")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _opt_cache(t)
+    _opt_progress(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="measure a trained VQ-VAE on held-out slices", description=(
@@ -349,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", action="append", help="data to evaluate on (default: the run's own data)")
     e.add_argument("--split", default="test", choices=["train", "validate", "test"])
     e.add_argument("--out", type=Path, help="output folder (default: RUN/eval-<split>)")
-    e.add_argument("--checkpoint", default="best", help="best (default), last, or a .safetensors path")
+    _opt_checkpoint(e)
     _add_run_options(e, cache=True)
     e.set_defaults(func=cmd_evaluate)
 
@@ -359,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", type=Path, help="run folder")
     r.add_argument("inputs", nargs="+", help="PNG files, volumes or folders of them")
     r.add_argument("--out", type=Path, required=True, help="output folder")
-    r.add_argument("--checkpoint", default="best")
+    _opt_checkpoint(r)
     _add_run_options(r)
     r.set_defaults(func=cmd_reconstruct)
 
@@ -367,21 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Encode the run's train/validate slices once (cached), train a transformer or gated PixelCNN prior "
         "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png)."))
     tp.add_argument("run", type=Path, help="run folder with a trained VQ-VAE")
-    tp.add_argument("--kind", default="transformer", choices=["transformer", "pixelcnn"])
-    tp.add_argument("--epochs", type=_positive_int, help="total epochs (default 10; --resume: the saved total)")
-    tp.add_argument("--max-minutes", type=_positive_float, help="time budget of this call in minutes")
+    tp.add_argument("--kind", default="transformer", choices=list(PRIOR_KINDS))
+    _opt_budget(tp, "total epochs (default 10; --resume: the saved total)", "time budget of this call in minutes")
     tp.add_argument("--layers", type=_positive_int)
     tp.add_argument("--width", type=_positive_int, help="embedding size / channels")
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
     tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, odd)")
     tp.add_argument("--num-classes", type=int, help="condition on the slice position cut into this many classes")
     tp.add_argument("--dropout", type=float)
+    tp.add_argument("--cond-dropout", type=float,
+                    help="share of training grids whose level is hidden (teaches guidance; default 0.1)")
+    tp.add_argument("--decode-steps", type=_positive_int, help="maskgit: parallel decoding passes (default 12)")
     tp.add_argument("--lr", type=_positive_float)
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)
     tp.add_argument("--no-codebook-init", action="store_true", help="random code embeddings")
-    tp.add_argument("--resume", action="store_true", help="continue RUN/prior-<kind> from last.safetensors")
-    tp.add_argument("--overwrite", action="store_true", help="replace an existing prior of this kind")
+    _opt_resume(tp, "RUN/prior-<kind>")
     _add_run_options(tp, cache=True)
     tp.set_defaults(func=cmd_train_prior)
 
@@ -389,15 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Write N 8-bit PNGs sample_000.png..., samples_grid.png and samples.json; the same seed (and batch "
         "size and device) gives byte-identical PNGs."))
     sp.add_argument("run", type=Path, help="run folder")
-    sp.add_argument("--prior", default="transformer", choices=["transformer", "pixelcnn"])
+    sp.add_argument("--prior", default="transformer", choices=list(PRIOR_KINDS))
     sp.add_argument("-n", type=_positive_int, default=16, help="number of samples")
     sp.add_argument("--out", type=Path, help="output folder (default: RUN/samples-<prior>)")
     sp.add_argument("--temperature", type=_positive_float, default=1.0)
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0: all)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--cond", type=int, help="slice-position class (conditional priors)")
+    sp.add_argument("--cond", type=int, help="level class (conditional priors)")
+    sp.add_argument("--level", type=_level, help="level(s) to draw: 0.5, or a range 0.3:0.8 (conditional priors)")
+    sp.add_argument("--guidance", type=float, default=1.0,
+                    help="classifier-free guidance weight: 0 unconditional, 1 conditional (default), >1 stronger")
+    sp.add_argument("--steps", type=_positive_int, help="maskgit: decoding passes (default: the prior's)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
-    sp.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    _opt_checkpoint(sp, paths=False)
     _add_run_options(sp)
     sp.set_defaults(func=cmd_sample)
 

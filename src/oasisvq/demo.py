@@ -116,7 +116,8 @@ def build_template_dataset(out: Path, size: int = 256, copies: int = 8, held_cop
             if split != "train" and k >= held_copies:
                 continue
             img = np.rint(x[i, 0].numpy() * 255).astype(np.uint8)
-            Image.fromarray(img).save(tmp / split / f"mni152_z{z:03d}_aug{k:02d}.png")
+            # case_N_slice_K names carry the level (K over the head-bearing levels) for level-conditioned priors
+            Image.fromarray(img).save(tmp / split / f"mni152aug{k:02d}_slice_{z - levels[0]:03d}.png")
             counts[split] += 1
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -147,9 +148,11 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
              progress: bool = True) -> dict:
     """Data -> VQ-VAE -> held-out SSIM -> prior -> samples -> generation metrics -> report, in ``minutes``."""
     from .evaluation import evaluate, evaluate_sample_dir
+    from .prior import train_prior
     from .report import machine_description, write_report
-    from .sampling import sample, train_prior
-    from .training import pick_device, train
+    from .sampling import sample
+    from .tokenizer import train
+    from .training import pick_device
 
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")

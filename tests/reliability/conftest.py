@@ -106,8 +106,8 @@ def trained_run(tmp_path_factory, data_dir, tiny_config, rel_cache) -> Path:
     import torch
 
     from oasisvq.config import RunConfig
-    from oasisvq.sampling import train_prior
-    from oasisvq.training import train
+    from oasisvq.prior import train_prior
+    from oasisvq.tokenizer import train
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("trained") / "run"

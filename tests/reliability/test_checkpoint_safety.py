@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.errors import CheckpointError, ConfigError
-from oasisvq.sampling import load_prior
-from oasisvq.training import load_model
+from oasisvq.prior import load_prior
+from oasisvq.tokenizer import load_model
 
 from .conftest import SIZE, error_line, oasisvq
 
@@ -115,7 +115,8 @@ def test_prior_of_another_vqvae_is_refused(run):
     prior are refused (the prior would emit codes the VQ-VAE does not have)."""
     from oasisvq.config import RunConfig
     from oasisvq.models import VQVAE
-    from oasisvq.sampling import sample, train_prior
+    from oasisvq.prior import train_prior
+    from oasisvq.sampling import sample
 
     path = run / "checkpoints" / "best.safetensors"
     meta = load_checkpoint(path)[1]

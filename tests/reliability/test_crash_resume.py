@@ -138,7 +138,7 @@ def test_signal_saves_checkpoint_and_resume_finishes(sig, tmp_path, data_dir, ti
 
 def test_train_prior_sigterm_saves_and_resumes(tmp_path, trained_run, rel_cache):
     """train-prior stops on SIGTERM like train does: checkpoint, exit 130, resumable to the same weights."""
-    from oasisvq.sampling import train_prior
+    from oasisvq.prior import train_prior
 
     opts = ["--kind", "pixelcnn", "--layers", "1", "--width", "8", "--kernel", "3", "--batch-size", "8",
             "--no-codebook-init", "--no-progress"]

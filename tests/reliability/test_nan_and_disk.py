@@ -16,7 +16,7 @@ from oasisvq import cli
 from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.config import RunConfig
 from oasisvq.errors import TrainingError
-from oasisvq.training import prepare_run_dir, train
+from oasisvq.tokenizer import prepare_run_dir, train
 
 from .conftest import SIZE, TINY_CONFIG, error_line
 

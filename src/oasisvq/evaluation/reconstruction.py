@@ -20,12 +20,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import data as data_layer  # looked up at call time: tests stand in their own slices
 from ..checkpoint import atomic_write, atomic_write_bytes, atomic_write_csv, atomic_write_text
 from ..config import DataConfig
-from ..data import fit_to_size, load_slices, load_volume, read_png, scale_robust, volume_slices
+from ..data import fit_to_size, load_volume, read_png, scale_robust, volume_slices
 from ..errors import DataError
 from ..metrics import down_up, reconstruction_metrics, summarize
-from ..training import load_model, pick_device
+from ..tokenizer import load_model
+from ..training import pick_device
 
 PER_SLICE_KEYS = ["ssim", "psnr", "mae", "ssim_head", "psnr_head", "mae_head"]
 
@@ -38,7 +40,7 @@ def evaluate(run_dir: Path | str, data: list[str] | None = None, split: str = "t
     dev = pick_device(device)
     model, cfg = load_model(run_dir, which, dev)
     data_cfg = replace(cfg.data, paths=list(data)) if data else cfg.data
-    slices = load_slices(data_cfg, cache_dir=cache_dir, progress=progress).split(split)
+    slices = data_layer.load_slices(data_cfg, cache_dir=cache_dir, progress=progress).split(split)
     out = Path(out) if out else run_dir / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     f = cfg.model.downsample
