@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 fid, mem = rep["fidelity"], rep["memorisation"]
                 rows.append({
                     "run": run.name, "grid": f"{rec['code_grid']}x{rec['code_grid']}", "prior": kind,
-                    "tok min": tok["elapsed_s"] / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
+                    "tok min": tok.get("elapsed_s", float("nan")) / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
                     "val bits": meta["best_val_bits"], "SSIM": rec["model"]["ssim"]["mean"],
                     "in head": rec["model"]["ssim_head"]["mean"], "floor": rec["floors"][floor]["ssim"]["mean"],
                     "2-sample acc": _pair(fid, "two_sample_accuracy"), "precision": _pair(fid, "precision"),

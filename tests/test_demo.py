@@ -30,11 +30,11 @@ def test_demo_writes_every_artefact(demo, capsys):
     for name in ("config.json", "metrics.csv", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
                  "figures/training_curves.png", "figures/validation_grid.png", "figures/codebook_usage.png",
                  "eval-test/per_slice.csv", "eval-test/best_median_worst.png", "eval-test/ssim_histogram.png",
-                 "prior-transformer/best.safetensors", "prior-transformer/curve.png"):
+                 "prior-maskgit/best.safetensors", "prior-maskgit/curve.png"):
         assert (run / name).is_file(), name
     m = json.loads((run / "eval-test" / "metrics.json").read_text())
     assert 0 < m["model"]["ssim"]["mean"] <= 1 and 0 <= m["floors"]["all_black"]["ssim"]["mean"] < 1
-    assert m["code_grid"] == 32 and m["slices"] > 0
+    assert m["code_grid"] == 16 and m["slices"] > 0
     samples = sorted((demo / "samples").glob("sample_*.png"))
     assert len(samples) == 16
     for p in samples:

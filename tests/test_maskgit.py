@@ -12,14 +12,7 @@ import torch.nn.functional as F
 
 from oasisvq.models.priors import MaskGITPrior, mask_ratio, masked_count
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two contended ones (measured 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(num_codes: int = 6, grid: tuple[int, int] = (4, 4), **kw) -> MaskGITPrior:

@@ -19,14 +19,7 @@ from oasisvq.models.priors import (
     guided_logits,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two contended ones (measured 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dependency(model: GatedPixelCNN, h: int, w: int) -> torch.Tensor:

@@ -203,7 +203,7 @@ def test_cli_commands(run, tmp_path, capsys):
     from oasisvq.cli import main
 
     assert main(["sample", str(run), "-n", "2", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
-    assert "no trained transformer prior" in capsys.readouterr().err
+    assert "no trained maskgit prior" in capsys.readouterr().err
     assert main(["train-prior", str(run), "--kind", "pixelcnn", "--epochs", "1", "--layers", "1", "--width", "8",
                  "--kernel", "3", "--batch-size", "6", "--no-progress"]) == 0
     assert main(["train-prior", str(run), "--kind", "pixelcnn", "--epochs", "2", "--resume", "--no-progress"]) == 0

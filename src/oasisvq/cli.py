@@ -251,6 +251,10 @@ def cmd_report(a) -> int:
 # Options several commands share, each defined once here.
 
 
+def _arg_run(p: argparse.ArgumentParser, help: str = "run folder") -> None:
+    p.add_argument("run", type=Path, help=help)
+
+
 def _opt_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument("--device", default=default, help="auto (default), cpu, cuda or cuda:N")
 
@@ -313,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write a self-contained HTML (+ Markdown) report of a run",
                         description="Data provenance, config, training curves, reconstruction metrics beside "
                                     "the floors, codebook use, prior likelihood, samples and generation metrics.")
-    rp.add_argument("run", type=Path, help="run folder")
+    _arg_run(rp)
     rp.add_argument("--out", type=Path, help="report folder (default: RUN/report)")
     rp.add_argument("--samples", type=Path, help="folder written by `oasisvq sample` (default: looked up)")
     rp.set_defaults(func=cmd_report)
@@ -388,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="measure a trained VQ-VAE on held-out slices", description=(
         "Per-slice SSIM/PSNR/MAE (whole slice and inside the head) beside the all-black and down-f-up floors; "
         "writes per_slice.csv, metrics.json and figures."))
-    e.add_argument("run", type=Path, help="run folder")
+    _arg_run(e)
     e.add_argument("--data", action="append", help="data to evaluate on (default: the run's own data)")
     e.add_argument("--split", default="test", choices=["train", "validate", "test"])
     e.add_argument("--out", type=Path, help="output folder (default: RUN/eval-<split>)")
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct PNG slices or volumes with a trained VQ-VAE",
                        description="Write each reconstruction under the input's file name (PNG in, 8-bit PNG "
                                    "out; volume in, NIfTI out, slice by slice).")
-    r.add_argument("run", type=Path, help="run folder")
+    _arg_run(r)
     r.add_argument("inputs", nargs="+", help="PNG files, volumes or folders of them")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     _opt_checkpoint(r)
@@ -407,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reconstruct)
 
     tp = sub.add_parser("train-prior", help="train a prior over a run's code grids", description=(
-        "Encode the run's train/validate slices once (cached), train a transformer or gated PixelCNN prior "
+        "Encode the run's train/validate slices once (cached), train a MaskGIT, transformer or gated PixelCNN prior "
         "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png)."))
-    tp.add_argument("run", type=Path, help="run folder with a trained VQ-VAE")
-    tp.add_argument("--kind", default="transformer", choices=list(PRIOR_KINDS))
+    _arg_run(tp, "run folder with a trained VQ-VAE")
+    tp.add_argument("--kind", default="maskgit", choices=list(PRIOR_KINDS))
     _opt_budget(tp, "total epochs (default 10; --resume: the saved total)", "time budget of this call in minutes")
     tp.add_argument("--layers", type=_positive_int)
     tp.add_argument("--width", type=_positive_int, help="embedding size / channels")
@@ -432,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="generate slices from a trained prior", description=(
         "Write N 8-bit PNGs sample_000.png..., samples_grid.png and samples.json; the same seed (and batch "
         "size and device) gives byte-identical PNGs."))
-    sp.add_argument("run", type=Path, help="run folder")
-    sp.add_argument("--prior", default="transformer", choices=list(PRIOR_KINDS))
+    _arg_run(sp)
+    sp.add_argument("--prior", default="maskgit", choices=list(PRIOR_KINDS))
     sp.add_argument("-n", type=_positive_int, default=16, help="number of samples")
     sp.add_argument("--out", type=Path, help="output folder (default: RUN/samples-<prior>)")
     sp.add_argument("--temperature", type=_positive_float, default=1.0)
@@ -455,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "samples in a folder against the run's held-out slices, each beside a real-vs-real floor (training vs "
         "held-out subjects), per slice level where known; writes samples_metrics.json and nearest_real.png "
         "there."))
-    es.add_argument("run", type=Path, help="run folder")
+    _arg_run(es)
     es.add_argument("samples", type=Path, help="folder written by `oasisvq sample`")
     es.add_argument("--split", default="test", choices=["validate", "test"], help="held-out real slices")
     es.add_argument("--max-real", type=_positive_int, default=1000)

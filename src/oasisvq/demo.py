@@ -34,6 +34,9 @@ TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 TEMPLATE_CITATION = ("MNI ICBM152 2009a nonlinear symmetric T1 template (Fonov et al., NeuroImage 54:313-327, "
                      "2011; Fonov et al., NeuroImage 47:S102, 2009), as shipped in the nilearn package")
 MARKER = "demo.json"
+# The recipe benchmarks/generation.py found best on a CPU budget (README, "Generation"): a 16x16 code grid
+# that a prior can lay out, and a level-conditioned MaskGIT prior.
+PRESET, GPU_PRESET, PRIOR = "cpu-f16", "gpu-f8", "maskgit"
 
 
 def template_path() -> Path:
@@ -123,7 +126,8 @@ def build_template_dataset(out: Path, size: int = 256, copies: int = 8, held_cop
     os.replace(tmp, out)
     return {"levels": len(zs), "slices": counts, "copies": copies, "held_out_copies": held_copies,
             "validate_levels": [int(blocks[3][0]), int(blocks[3][-1])],
-            "test_levels": [int(blocks[7][0]), int(blocks[7][-1])], "margin_levels": margin}
+            "test_levels": [int(blocks[7][0]), int(blocks[7][-1])], "margin_levels": margin,
+            "test_level_range": [float((blocks[7][i] - levels[0]) / (levels[-1] - levels[0])) for i in (0, -1)]}
 
 
 # ------------------------------------------------------------------------------------------------- demo
@@ -183,11 +187,11 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
 
     # Budget: most of it to the VQ-VAE, a quarter to the prior, the rest to evaluation and sampling.
     vq_minutes, prior_minutes = 0.55 * minutes, 0.25 * minutes
-    cfg = RunConfig(data=DataConfig(paths=paths, seed=seed), model=model_preset("cpu-f8"),
+    cfg = RunConfig(data=DataConfig(paths=paths, seed=seed), model=model_preset(PRESET),
                     train=TrainConfig(epochs=0, max_minutes=vq_minutes, batch_size=16, device=str(dev), seed=seed,
                                       evals_per_epoch=2, val_slices=64, warmup_steps=10))
     if dev.type == "cuda":
-        cfg.model = model_preset("gpu-f8")
+        cfg.model = model_preset(GPU_PRESET)
         cfg.train.batch_size = 32
     run = out / "run"
     t = time.time()
@@ -206,14 +210,17 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
                       f"{m['model']['ssim_head']['mean']:.3f}; {floor} floor {m['floors'][floor]['ssim']['mean']:.3f}")
 
     t = time.time()
-    _status(4, total, f"train transformer prior for {prior_minutes:.1f} min")
-    prior = train_prior(run, "transformer", epochs=1000, max_minutes=prior_minutes, device=str(dev),
-                        cache_dir=out / "cache", progress=progress, layers=4, width=128, heads=4, lr=1e-3,
-                        batch_size=16, dropout=0.0, seed=seed)
+    _status(4, total, f"train {PRIOR} prior for {prior_minutes:.1f} min")
+    prior = train_prior(run, PRIOR, epochs=1000, max_minutes=prior_minutes, device=str(dev),
+                        cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed)
     timings["train_prior"] = time.time() - t
 
     t = time.time()
-    s = sample(run, "transformer", n=samples, out=out / "samples", seed=seed, device=str(dev), progress=progress)
+    # At the held-out test levels (the template's), so samples and the real slices they are measured
+    # against show the same part of the head.
+    levels = info["data"].get("test_level_range") if prior["num_classes"] else None
+    s = sample(run, PRIOR, n=samples, out=out / "samples", seed=seed, level=levels, device=str(dev),
+               progress=progress)
     timings["sample"] = time.time() - t
     _status(5, total, f"sample: {samples} new slices at {s.get('samples_per_second', float('nan')):.1f}/s")
 

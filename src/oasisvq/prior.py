@@ -235,7 +235,7 @@ def _check_format(path: Path, meta: dict[str, Any]) -> None:
             f"{meta.get('prior_format', 1)}); this oasisvq reads format {PRIOR_FORMAT}: train it again with --overwrite")
 
 
-def train_prior(run_dir: Path | str, kind: str = "transformer", epochs: int | None = None,
+def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None = None,
                 max_minutes: float = 0.0, resume: bool = False, *, overwrite: bool = False, device: str = "auto",
                 cache_dir: Path | str | None = None, progress: bool = True, val_grids: int = 512,
                 **options: Any) -> dict[str, Any]:
@@ -307,10 +307,10 @@ def train_prior(run_dir: Path | str, kind: str = "transformer", epochs: int | No
                         minutes_per_call=True)
         result = fit(task, budget, resume=resume, rank=rank, world=world, progress=progress)
     return dict(result["row"], best_val_bits=result["best"], prior_dir=str(pdir), train_seconds=result["elapsed_s"],
-                stopped_by_time=result["stopped_by_time"])
+                stopped_by_time=result["stopped_by_time"], num_classes=cfg.num_classes)
 
 
-def load_prior(run_dir: Path | str, kind: str = "transformer", which: str = "best",
+def load_prior(run_dir: Path | str, kind: str = "maskgit", which: str = "best",
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """A trained prior of a run (eval mode) and its checkpoint metadata."""
     path = prior_dir(run_dir, kind) / f"{which}.safetensors"

@@ -28,7 +28,7 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample(run_dir: Path | str, prior: str = "transformer", n: int = 16, out: Path | str | None = None,
+def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
            temperature: float = 1.0, top_k: int = 0, seed: int = 0, cond: int | None = None, *,
            level: float | tuple[float, float] | None = None, guidance: float = 1.0, steps: int | None = None,
            batch_size: int = 16, device: str = "auto", which: str = "best", prefix: str = "sample",

@@ -117,9 +117,10 @@ CASES = [
     ("sample-no-prior", ["sample", "{run}", "--prior", "pixelcnn", "--device", "cpu"], "pixelcnn"),
     ("sample-no-model", ["sample", "{no_model}", "--device", "cpu"], "prior"),
     ("sample-missing-run", ["sample", "{root}/norun", "--device", "cpu"], "norun"),
-    ("sample-cond-unconditional", ["sample", "{run}", "--cond", "1", "--device", "cpu"], "unconditional"),
-    ("sample-out-is-a-file", ["sample", "{run}", "-n", "1", "--out", "{a_file}", "--device", "cpu",
-                              "--no-progress"], "a_file"),
+    ("sample-cond-unconditional", ["sample", "{run}", "--prior", "transformer", "--cond", "1", "--device", "cpu"],
+     "unconditional"),
+    ("sample-out-is-a-file", ["sample", "{run}", "--prior", "transformer", "-n", "1", "--out", "{a_file}",
+                              "--device", "cpu", "--no-progress"], "a_file"),
     # train-prior (the run has a transformer prior, so the pixelcnn kind is free to be misconfigured)
     ("prior-missing-run", ["train-prior", "{root}/norun"], "norun"),
     ("prior-no-model", ["train-prior", "{no_model}", "--device", "cpu"], "no model checkpoint"),

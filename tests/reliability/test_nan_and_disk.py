@@ -155,7 +155,7 @@ def test_existing_run_refused_without_resume_or_overwrite(one_epoch_run, data_di
     assert str(one_epoch_run) in line and "--resume" in line and "--overwrite" in line
     assert snapshot(one_epoch_run / "checkpoints") == before
 
-    assert cli.main(["train-prior", str(one_epoch_run), "--no-progress"]) == 2  # a transformer prior exists
+    assert cli.main(["train-prior", str(one_epoch_run), "--kind", "transformer", "--no-progress"]) == 2  # exists
     line = error_line(capsys.readouterr().err)
     assert "prior-transformer" in line and "--overwrite" in line
 
