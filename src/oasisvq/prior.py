@@ -27,20 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import training
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .errors import CheckpointError, ConfigError, DataError
 from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
-from .training import (
-    Budget,
-    Position,
-    Task,
-    barrier,
-    distributed_context,
-    fit,
-    load_state,
-    pick_device,
-    rank_device,
-)
 
 METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
 CODES_FILE = "codes.safetensors"
@@ -171,7 +161,7 @@ class _PriorLoss(nn.Module):
         return {"loss": self.prior.loss(x, cond)}
 
 
-class PriorTask(Task):
+class PriorTask(training.Task):
     best_key, higher_is_better = "val_bits", False
     metric_fields = METRIC_FIELDS
 
@@ -212,7 +202,7 @@ class PriorTask(Task):
     def validate(self) -> dict[str, Any]:
         return {"val_bits": bits_per_code(self.model, self.val_codes, self.val_cond, self.device, self.cfg.batch_size)}
 
-    def row(self, at: Position, train: dict[str, float], val: dict[str, Any]) -> dict[str, Any]:
+    def row(self, at: training.Position, train: dict[str, float], val: dict[str, Any]) -> dict[str, Any]:
         return {"epoch": round(at.epochs_done, 4), "step": at.step, "time_s": round(at.elapsed_s, 2), "lr": at.lr,
                 "train_bits": train["loss"] / math.log(2), "val_bits": val["val_bits"]}
 
@@ -256,13 +246,16 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     run_dir = Path(run_dir)
     pdir = prior_dir(run_dir, kind)
+    if not resume:  # bad options fail before any slow encoding (the level classes are decided after it)
+        PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes,
+                    **{"num_classes": LEVEL_CLASSES, **options}).validate()
     last_path = pdir / "last.safetensors"
     if resume and not last_path.is_file():
         raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
     if not resume and last_path.is_file() and not overwrite:
         raise ConfigError(f"{pdir}: already holds a prior; pass --resume to continue it or --overwrite to replace it")
-    with distributed_context() as (rank, world, local_rank):
-        dev = rank_device(device, world, local_rank)
+    with training.distributed_context() as (rank, world, local_rank):
+        dev = training.rank_device(device, world, local_rank)
         vq, run_cfg = open_run(run_dir, dev)
         if pdir.is_dir() and rank == 0:
             remove_stale_temps(pdir)  # left by a call killed mid-write
@@ -286,7 +279,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                           stacklevel=2)
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
             codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress)
-        barrier(world)
+        training.barrier(world)
         if rank > 0:
             codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False)
         if len(codes["train.codes"]) == 0 or len(codes["validate.codes"]) == 0:
@@ -303,9 +296,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                                   f"the run's VQ-VAE now makes {grid}; train a new prior with --overwrite")
         task = PriorTask(cfg, pdir, codes, vq, dev, init_weights=not resume, val_grids=val_grids,
                          meta={"vqvae": fp, "image_size": run_cfg.data.size})
-        budget = Budget(epochs=cfg.epochs, max_minutes=cfg.max_minutes, batch_size=cfg.batch_size, seed=cfg.seed,
-                        minutes_per_call=True)
-        result = fit(task, budget, resume=resume, rank=rank, world=world, progress=progress)
+        budget = training.Budget(epochs=cfg.epochs, max_minutes=cfg.max_minutes, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, minutes_per_call=True)
+        result = training.fit(task, budget, resume=resume, rank=rank, world=world, progress=progress)
     return dict(result["row"], best_val_bits=result["best"], prior_dir=str(pdir), train_seconds=result["elapsed_s"],
                 stopped_by_time=result["stopped_by_time"], num_classes=cfg.num_classes)
 
@@ -321,6 +314,6 @@ def load_prior(run_dir: Path | str, kind: str = "maskgit", which: str = "best",
         raise CheckpointError(f"{path}: not a prior checkpoint")
     _check_format(path, meta)
     model = build_prior(PriorConfig(**meta["prior_config"]), meta["num_codes"], tuple(meta["grid"]))
-    load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    training.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    dev = device if isinstance(device, torch.device) else training.pick_device(device)
     return model.to(dev).eval(), meta

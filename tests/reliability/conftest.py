@@ -115,5 +115,5 @@ def trained_run(tmp_path_factory, data_dir, tiny_config, rel_cache) -> Path:
     cfg.data.paths, cfg.data.size, cfg.train.epochs = [str(data_dir)], SIZE, 1
     train(cfg, out, cache_dir=rel_cache, progress=False)
     train_prior(out, "transformer", epochs=1, cache_dir=rel_cache, progress=False, layers=1, width=8, heads=2,
-                batch_size=8)
+                batch_size=8, num_classes=0)  # unconditional, although the slices carry levels
     return out
