@@ -176,6 +176,8 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
             d.figure(pdir / "curve.png", f"{pdir.name}: bits per code on train and validation grids.")
     if rows:
         d.table(["prior", "evaluations", "best validation bits per code"], rows)
+        d.p("Bits per code: the negative log-likelihood for autoregressive priors (transformer, PixelCNN), the "
+            "loss on masked codes for MaskGIT; the two kinds do not compare with each other.")
     else:
         d.p("No prior trained: run `oasisvq train-prior RUN_DIR`.")
 

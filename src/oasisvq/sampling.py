@@ -119,8 +119,10 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     from .figures import slice_grid
 
     level_list = None if levels is None else [round(float(v), 4) for v in levels.cpu()]
-    titles = None if level_list is None else [f"level {v:.2f}" for v in level_list[:64]]
-    slice_grid(images[:64], out / "samples_grid.png", titles=titles,
+    # The grid sweeps the levels in order (bottom of the head first), so it reads like a stack of slices.
+    shown = np.arange(min(n, 64)) if level_list is None else np.argsort(level_list[:64], kind="stable")
+    titles = None if level_list is None else [f"level {level_list[i]:.2f}" for i in shown]
+    slice_grid(images[shown], out / "samples_grid.png", titles=titles,
                title=f"{prior} prior, T={temperature}, top_k={top_k}, guidance={guidance}, seed={seed}")
     info = {"run": str(run_dir), "prior": prior, "which": which, "n": n, "temperature": temperature,
             "top_k": top_k, "seed": seed, "cond": cond, "level": level, "guidance": guidance, "steps": steps,
