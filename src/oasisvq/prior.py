@@ -246,9 +246,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     run_dir = Path(run_dir)
     pdir = prior_dir(run_dir, kind)
-    if not resume:  # bad options fail before any slow encoding (the level classes are decided after it)
-        PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes,
-                    **{"num_classes": LEVEL_CLASSES, **options}).validate()
+    if not resume:  # bad options fail before any slow encoding; the level classes are settled after it
+        cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes,
+                          **{"num_classes": LEVEL_CLASSES, **options}).validate()
     last_path = pdir / "last.safetensors"
     if resume and not last_path.is_file():
         raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
@@ -284,11 +284,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False)
         if len(codes["train.codes"]) == 0 or len(codes["validate.codes"]) == 0:
             raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
-        if not resume:
-            if "num_classes" not in options:  # condition on the slice level wherever every slice has one
-                known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
-                options["num_classes"] = LEVEL_CLASSES if known else 0
-            cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes, **options)
+        if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
+            known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
+            cfg.num_classes = LEVEL_CLASSES if known else 0
         cfg.validate()
         grid = tuple(codes["train.codes"].shape[1:])
         if resume and tuple(saved.get("grid", grid)) != grid:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,6 @@ def fit(task: Task, budget: Budget, *, resume: bool = False, rank: int = 0, worl
         torch.backends.cudnn.benchmark = True
     use_compile, why_not = compile_decision(budget.compile, world, device, budget.max_minutes, total_steps)
     if why_not and budget.compile == "on" and rank == 0:
-        import warnings
-
         warnings.warn(f"compile=on ignored: {why_not}", stacklevel=2)
     if use_compile:
         model.compile()  # in place: state_dict keys (and checkpoints) stay the same
