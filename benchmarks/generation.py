@@ -1,6 +1,12 @@
-"""Generation against the code grid and the prior kind: one table, each metric beside its real-vs-real floor.
+"""Generation against the code grid, the prior kind and the budget: one table, each metric beside its
+real-vs-real floor.
 
     python benchmarks/generation.py --runs RUN [RUN ...] --minutes 8 [--kinds maskgit transformer] [--n 64]
+    python benchmarks/generation.py --data PATH --budgets 10 30 60 --out DIR
+
+With ``--budgets``, each row is ``oasisvq demo --data PATH --minutes M`` (the recipe the demo runs, scaled
+to a total budget of M minutes: data, tokeniser, prior, sampling and evaluation all inside it) in
+DIR/budget-M.
 
 Each RUN is a trained VQ-VAE (``oasisvq train``; its grid and training time are read from it). For every
 run: held-out reconstruction (``oasisvq evaluate``, whole slice and in the head, beside the down-f-up
@@ -22,8 +28,10 @@ from pathlib import Path
 import torch
 
 from oasisvq.checkpoint import load_checkpoint
+from oasisvq.demo import PRIOR, run_demo
 from oasisvq.errors import OasisVQError
 from oasisvq.evaluation import evaluate, evaluate_sample_dir
+from oasisvq.evaluation.generation import FEATURES_VERSION
 from oasisvq.prior import prior_dir, train_prior
 from oasisvq.sampling import sample
 
@@ -47,9 +55,45 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: float, out: Path) -> dict:
+    """One table row from a run's held-out reconstruction (``rec``) and its samples' metrics (``rep``)."""
+    tok = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
+    meta = load_checkpoint(prior_dir(run, kind) / "last.safetensors")[1]
+    floor = next(k for k in rec["floors"] if k.startswith("down"))
+    fid, mem = rep["fidelity"], rep["memorisation"]
+    return {
+        "run": name, "grid": f"{rec['code_grid']}x{rec['code_grid']}", "prior": kind,
+        "tok min": tok.get("elapsed_s", float("nan")) / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
+        "val bits": meta["best_val_bits"], "SSIM": rec["model"]["ssim"]["mean"],
+        "in head": rec["model"]["ssim_head"]["mean"], "floor": rec["floors"][floor]["ssim"]["mean"],
+        "2-sample acc": _pair(fid, "two_sample_accuracy"), "precision": _pair(fid, "precision"),
+        "recall": _pair(fid, "recall"), "density": _pair(fid, "density"),
+        "coverage": _pair(fid, "coverage"), "Frechet": _pair(fid, "frechet", "{:.1f}"),
+        "near-empty": f"{rep['empty']['samples_fraction']:.2f} [{rep['empty']['real_fraction']:.2f}]",
+        "copies": mem["copies"], "samples/s": samples_per_s,
+        "conditional": meta["prior_config"]["num_classes"] > 0, "samples": str(out)}
+
+
+def _budget_rows(data: Path, budgets: list[float], out: Path, n: int, device: str) -> list[dict]:
+    rows = []
+    for minutes in budgets:
+        folder = out / f"budget-{minutes:g}"
+        run_demo(folder, minutes=minutes, data=[str(data)], device=device, samples=n, overwrite=True, progress=False)
+        rec = json.loads((folder / "run" / "eval-test" / "metrics.json").read_text())
+        rep = json.loads((folder / "samples" / "samples_metrics.json").read_text())
+        info = json.loads((folder / "samples" / "samples.json").read_text())
+        rows.append(_row(f"{data.name} {minutes:g} min", PRIOR, folder / "run", rec, rep,
+                         info["samples_per_second"], folder / "samples"))
+        print(f"budget {minutes:g} min: done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", required=True, nargs="+", type=Path, help="trained VQ-VAE run folders")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--runs", nargs="+", type=Path, help="trained VQ-VAE run folders")
+    what.add_argument("--budgets", nargs="+", type=float, help="total budgets in minutes (with --data and --out)")
+    ap.add_argument("--data", type=Path, help="data for --budgets (any layout oasisvq reads)")
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per prior (minutes)")
     ap.add_argument("--kinds", nargs="+", default=["maskgit", "transformer"])
     ap.add_argument("--n", type=int, default=64, help="samples per prior")
@@ -65,44 +109,34 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arch = {k: v for k, v in (("layers", args.layers), ("width", args.width)) if v is not None}
 
+    if args.budgets and not (args.data and args.out):
+        ap.error("--budgets needs --data and --out")
     rows = []
     try:
-        for run in args.runs:
-            tok = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
+        if args.budgets:
+            rows = _budget_rows(args.data, args.budgets, args.out, args.n, args.device)
+        for run in args.runs or []:
             rec = evaluate(run, split="test", device=args.device, progress=False)
-            floor = next(k for k in rec["floors"] if k.startswith("down"))
             for kind in args.kinds:
                 out = (args.out / run.name if args.out else run / "benchmark-generation") / kind
                 pdir = prior_dir(run, kind)
                 if args.retrain or not (pdir / "last.safetensors").is_file():
                     train_prior(run, kind, epochs=10**6, max_minutes=args.minutes, device=args.device,
                                 overwrite=True, progress=False, **arch)
-                meta = load_checkpoint(pdir / "last.safetensors")[1]
-                conditional = meta["prior_config"]["num_classes"] > 0
+                conditional = load_checkpoint(pdir / "last.safetensors")[1]["prior_config"]["num_classes"] > 0
                 info = sample(run, kind, n=args.n, out=out, temperature=args.temperature,
                               level=(0.0, 1.0) if conditional else None,
                               guidance=args.guidance if conditional else 1.0, batch_size=args.batch_size,
                               device=args.device, progress=False)
                 rep = evaluate_sample_dir(run, out, max_real=args.max_real, device=args.device, progress=False)
-                fid, mem = rep["fidelity"], rep["memorisation"]
-                rows.append({
-                    "run": run.name, "grid": f"{rec['code_grid']}x{rec['code_grid']}", "prior": kind,
-                    "tok min": tok.get("elapsed_s", float("nan")) / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
-                    "val bits": meta["best_val_bits"], "SSIM": rec["model"]["ssim"]["mean"],
-                    "in head": rec["model"]["ssim_head"]["mean"], "floor": rec["floors"][floor]["ssim"]["mean"],
-                    "2-sample acc": _pair(fid, "two_sample_accuracy"), "precision": _pair(fid, "precision"),
-                    "recall": _pair(fid, "recall"), "density": _pair(fid, "density"),
-                    "coverage": _pair(fid, "coverage"), "Frechet": _pair(fid, "frechet", "{:.1f}"),
-                    "near-empty": f"{rep['empty']['samples_fraction']:.2f} [{rep['empty']['real_fraction']:.2f}]",
-                    "copies": mem["copies"], "samples/s": info["samples_per_second"],
-                    "conditional": conditional, "samples": str(out)})
+                rows.append(_row(run.name, kind, run, rec, rep, info["samples_per_second"], out))
                 print(f"{run.name} {kind}: done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     except OasisVQError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.n} samples per prior, guidance {args.guidance}; [real-vs-real floor]; features: "
-          f"{rep['features_version'].split(':')[0]}")
+          f"{FEATURES_VERSION.split(':')[0]}")
     print(_table(rows))
     target = args.out or args.runs[0] / "benchmark-generation"
     target.mkdir(parents=True, exist_ok=True)
