@@ -188,28 +188,3 @@ def test_compiled_training_matches_eager_and_keeps_the_checkpoint_format(tmp_pat
     le, lc = (float(r["train_loss"]) for r in (_rows(tmp_path / "eager")[0], _rows(tmp_path / "compiled")[0]))
     assert lc == pytest.approx(le, rel=0.03)
     assert compiled["ssim"] == pytest.approx(eager["ssim"], abs=0.03)
-
-
-def test_adversarial_run_trains_the_discriminator_and_resumes_exactly(tmp_path, session_cache, one_thread):
-    # Warm-up ends after a third of 3 epochs: the decoder feels the discriminator from epoch 2 on.
-    def cfg():
-        c = _cfg(epochs=3, seed=5)
-        c.model.adv_weight, c.model.adv_start, c.model.adv_width = 0.5, 0.3, 8
-        return c.validate()
-
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train(cfg(), full, cache_dir=session_cache, progress=False)
-    rows = _rows(full)
-    assert rows[0]["train_adv"] == "" and float(rows[-1]["train_adv_balance"]) > 0
-    assert all(float(r["train_disc"]) > 0 for r in rows)
-    tensors, meta = load_checkpoint(full / "checkpoints" / "last.safetensors")
-    assert any(k.startswith("disc.") for k in tensors) and meta["best_val_select"] > -1  # from the adversarial phase
-    with pytest.raises(TrainingError, match="at step 16"):
-        train(cfg(), cut, cache_dir=session_cache, progress=False, _fault_at_step=16)
-    train(cfg(), cut, resume=True, cache_dir=session_cache, progress=False)
-    a, b = _weights(full / "checkpoints" / "last.safetensors")[0], _weights(cut / "checkpoints" / "last.safetensors")[0]
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
-    da, db = (load_checkpoint(r / "checkpoints" / "last.safetensors")[0] for r in (full, cut))
-    for k in (k for k in da if k.startswith("disc.")):
-        assert torch.allclose(da[k], db[k], atol=1e-5), k

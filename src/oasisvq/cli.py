@@ -114,8 +114,6 @@ def build_train_config(a):
         cfg.train.epochs = 0  # a time budget alone
     if a.size is not None:
         cfg.data = replace(cfg.data, size=a.size)
-    if a.adversarial is not None:
-        cfg.model.adv_weight = a.adversarial
     return cfg.validate()
 
 
@@ -381,9 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, help="peak learning rate")
     t.add_argument("--downsample", type=int, choices=[4, 8, 16], help="image size / code grid size")
     t.add_argument("--size", type=_positive_int, help="slice size (multiple of 16)")
-    t.add_argument("--adversarial", type=float, metavar="W",
-                   help="weight of a patch discriminator's loss, balanced against the reconstruction loss "
-                        "(0: off, the default); the decoder feels it after 30%% of the budget")
     _opt_device(t, default=None)
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--compile", choices=["auto", "on", "off"],

@@ -58,9 +58,6 @@ class ModelConfig:
     dead_code_steps: int = 10  # a code unused for this many steps is re-seeded from recent encodings
     recon_loss: str = "l1"  # l1 | mse
     ssim_weight: float = 0.1  # weight of (1 - SSIM) added to the reconstruction loss
-    adv_weight: float = 0.0  # > 0: a patch discriminator's hinge loss, at this times the balancing weight
-    adv_start: float = 0.3  # the decoder sees the adversarial loss after this fraction of the training budget
-    adv_width: int = 16  # the discriminator's first layer width
 
     @property
     def stages(self) -> int:
@@ -81,9 +78,6 @@ class ModelConfig:
             raise ConfigError("model.channels must be positive and model.res_blocks non-negative")
         if not 0 < self.decay < 1:
             raise ConfigError(f"model.decay must be in (0, 1), got {self.decay}")
-        if self.adv_weight < 0 or not 0 <= self.adv_start < 1 or self.adv_width <= 0:
-            raise ConfigError("model.adv_weight must be >= 0, model.adv_start in [0, 1) and model.adv_width "
-                              f"positive, got {self.adv_weight}, {self.adv_start}, {self.adv_width}")
         if self.recon_loss not in ("l1", "mse"):
             raise ConfigError(f"model.recon_loss must be l1 or mse, got {self.recon_loss!r}")
         if image_size is not None and image_size % self.downsample:

@@ -15,16 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, remove_stale_temps
 from .config import RunConfig
 from .data import SliceSet, load_slices
 from .errors import CheckpointError, ConfigError
-from .metrics import reconstruction_metrics, ssim
+from .metrics import reconstruction_metrics
 from .models import VQVAE
-from .models.discriminator import PatchDiscriminator, balance_weight, discriminator_loss, generator_loss
 from .training import (
     Budget,
     Position,
@@ -39,7 +37,7 @@ from .training import (
 )
 
 METRIC_FIELDS = ["step", "epoch", "time_s", "lr", "train_loss", "train_recon", "train_ssim", "perplexity",
-                 "usage", "train_disc", "train_adv", "train_adv_balance", "images_per_s", "val_ssim", "val_psnr", "val_mae", "val_ssim_head", "val_psnr_head",
+                 "usage", "images_per_s", "val_ssim", "val_psnr", "val_mae", "val_ssim_head", "val_psnr_head",
                  "val_usage", "val_perplexity"]
 
 
@@ -125,36 +123,15 @@ def evaluate_model(model: VQVAE, images: SliceSet, device: torch.device, batch_s
 
 
 class _Losses(nn.Module):
-    """The VQ-VAE's training losses as the loop's loss module, with a patch discriminator's where
-    ``model.adv_weight`` > 0 (the discriminator trains from the first step; the decoder feels it once
-    ``adversarial`` is set, after a warm-up)."""
+    """The VQ-VAE's training losses as the loop's loss module."""
 
     def __init__(self, model: VQVAE):
         super().__init__()
         self.model = model
-        cfg = model.cfg
-        self.disc = PatchDiscriminator(cfg.adv_width) if cfg.adv_weight > 0 else None
-        self.adversarial = False
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        recon, losses = self.model(x)
-        out = {k: losses[k] for k in ("loss", "recon", "ssim", "perplexity", "usage") if k in losses}
-        if self.disc is None:
-            return out
-        fake = recon.float()
-        d_loss = discriminator_loss(self.disc, x, fake)
-        out["loss"], out["disc"] = out["loss"] + d_loss, d_loss.detach()
-        if self.adversarial:
-            cfg = self.model.cfg
-            # The reconstruction terms again, on the returned image: a compiled model's own loss is not
-            # connected to it in the graph, and the balance needs both gradients at the same pixels.
-            rec = F.l1_loss(fake, x) if cfg.recon_loss == "l1" else F.mse_loss(fake, x)
-            rec = rec + cfg.ssim_weight * (1 - ssim(fake.clamp(0, 1), x).mean())
-            g_loss = generator_loss(self.disc, fake)
-            weight = cfg.adv_weight * balance_weight(rec, g_loss, fake)
-            out["loss"] = out["loss"] + weight * g_loss
-            out["adv"], out["adv_balance"] = g_loss.detach(), weight
-        return out
+        losses = self.model(x)[1]
+        return {k: losses[k] for k in ("loss", "recon", "ssim", "perplexity", "usage") if k in losses}
 
 
 class VQVAETask(Task):
@@ -176,15 +153,9 @@ class VQVAETask(Task):
         self.train_set, self.val_set = data.split("train"), data.split("validate")
         self.n_items = len(self.train_set)
         self.model = VQVAE(cfg.model).to(device).to(memory_format=torch.channels_last)
-        self.loss_module = _Losses(self.model).to(device)
-        groups = [{"params": list(self.model.parameters())}]
-        if self.loss_module.disc is not None:
-            # GAN practice: a lower momentum for the discriminator, at half the model's learning rate.
-            groups.append({"params": list(self.loss_module.disc.parameters()), "lr_scale": 0.5,
-                           "betas": (0.5, 0.9), "weight_decay": 0.0})
-            # Checkpoints chosen by SSIM alone would keep the sharp-less model from before the warm-up ended.
-            self.best_key = "val_select"
-        self.opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.99))
+        self.loss_module = _Losses(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     betas=(0.9, 0.99))
         self.aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor]:
@@ -199,23 +170,16 @@ class VQVAETask(Task):
         return (x.contiguous(memory_format=torch.channels_last),)
 
     def lr(self, step: int, progress: float) -> float:
-        # Called once per step with the budget's progress: where the adversarial warm-up ends.
-        self.loss_module.adversarial = self.loss_module.disc is not None and progress >= self.cfg.model.adv_start
         return lr_at(progress, step, self.cfg.train.lr, self.cfg.train.warmup_steps)
 
     def validate(self) -> dict[str, Any]:
-        val = {f"val_{k}": v for k, v in evaluate_model(self.model, self.val_set, self.device, amp=self.cfg.train.amp,
-                                                        max_slices=self.cfg.train.val_slices).items()}
-        if self.loss_module.disc is not None:
-            # Any checkpoint from the adversarial phase ranks above every one from before it (SSIM <= 1).
-            val["val_select"] = val["val_ssim"] - (0 if self.loss_module.adversarial else 2)
-        return val
+        return {f"val_{k}": v for k, v in evaluate_model(self.model, self.val_set, self.device, amp=self.cfg.train.amp,
+                                                         max_slices=self.cfg.train.val_slices).items()}
 
     def row(self, at: Position, train: dict[str, float], val: dict[str, Any]) -> dict[str, Any]:
         return {"step": at.step, "epoch": at.epoch, "time_s": round(at.elapsed_s, 2), "lr": at.lr,
                 "train_loss": train.get("loss"), "train_recon": train.get("recon"), "train_ssim": train.get("ssim"),
-                "perplexity": train.get("perplexity"), "usage": train.get("usage"), "train_disc": train.get("disc"),
-                "train_adv": train.get("adv"), "train_adv_balance": train.get("adv_balance"),
+                "perplexity": train.get("perplexity"), "usage": train.get("usage"),
                 "images_per_s": round(at.items_seen / max(at.elapsed_s, 1e-9), 2),
                 **{k: v for k, v in val.items() if k in METRIC_FIELDS}}
 
@@ -223,15 +187,10 @@ class VQVAETask(Task):
         return {"kind": "vqvae", "config": self.cfg.to_dict()}
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        disc = self.loss_module.disc
-        return {"rng.augment": self.aug_gen.get_state(),
-                **({f"disc.{k}": v for k, v in disc.state_dict().items()} if disc is not None else {})}
+        return {"rng.augment": self.aug_gen.get_state()}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.aug_gen.set_state(tensors["rng.augment"])
-        if self.loss_module.disc is not None:
-            load_state(self.loss_module.disc, {k[5:]: v for k, v in tensors.items() if k.startswith("disc.")},
-                       self.checkpoint_dir / "last.safetensors")
 
     def finish(self, last_val: dict[str, Any] | None) -> None:
         from .figures import codebook_usage, reconstruction_grid, training_curves

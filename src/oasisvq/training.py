@@ -186,13 +186,6 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
     model.load_state_dict(state)
 
 
-def clip_gradients(opt: torch.optim.Optimizer, max_norm: float = 1.0) -> None:
-    """Clip each parameter group's gradient norm on its own, so a discriminator's gradients never scale
-    the model's down (with one group this is plain clipping of the model's gradients)."""
-    for g in opt.param_groups:
-        torch.nn.utils.clip_grad_norm_(g["params"], max_norm)
-
-
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks once per step (the main thread only)."""
 
@@ -401,8 +394,8 @@ def fit(task: Task, budget: Budget, *, resume: bool = False, rank: int = 0, worl
             if order_epoch != epoch:
                 order, order_epoch = epoch_order(task.n_items, budget.seed, epoch), epoch
             lr = task.lr(step, budget_progress())
-            for g in opt.param_groups:  # a group may run at a fixed multiple (a discriminator's)
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
             start = step_in_epoch * global_batch + rank * budget.batch_size
             inputs = task.batch(order[start:start + budget.batch_size])
             with autocast:
@@ -419,12 +412,12 @@ def fit(task: Task, budget: Budget, *, resume: bool = False, rank: int = 0, worl
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-                clip_gradients(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()
-                clip_gradients(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float()
