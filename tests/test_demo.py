@@ -76,3 +76,32 @@ def test_demo_refuses_foreign_folder(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--minutes", "0.1", "--no-progress"]) == 2
     assert "not an oasisvq demo folder" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_budget_split_leaves_the_measured_overhead():
+    from oasisvq.demo import budget_split
+
+    for minutes, overhead in ((0.6, 0.12), (10, 2.0), (60, 4.5)):
+        vq, prior = budget_split(minutes)
+        assert vq + prior + overhead == pytest.approx(minutes)
+        assert vq / prior == pytest.approx(65 / 35)
+
+
+def test_budget_benchmark_rows_read_a_demo_folder(demo):
+    # benchmarks/generation.py --budgets runs the demo at each budget and reads its folder back like this
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = json.loads((demo / "run" / "eval-test" / "metrics.json").read_text())
+    rep = json.loads((demo / "samples" / "samples_metrics.json").read_text())
+    row = bench._row("demo", "maskgit", demo / "run", rec, rep, 2.5, demo / "samples")
+    assert row["grid"] == "16x16" and row["SSIM"] == rec["model"]["ssim"]["mean"] and row["steps"] > 0
+    assert row["2-sample acc"] == f"{rep['fidelity']['two_sample_accuracy']:.2f} " \
+                                  f"[{rep['fidelity']['two_sample_accuracy_floor']:.2f}]"
+    assert "| demo | 16x16 | maskgit |" in bench._table([row])
+    with pytest.raises(SystemExit):  # --budgets needs --data and --out
+        bench.main(["--budgets", "1"])

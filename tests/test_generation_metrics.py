@@ -201,6 +201,11 @@ def test_copy_of_a_training_slice_is_flagged():
     # a noisy but not copied image is not flagged
     noise = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert memorisation_report(noise, train)["copies"] == 0
+    # a near-blank sample beside a near-blank training slice is near-empty, not a copy
+    blank_train = torch.cat([train, torch.zeros(1, 1, 32, 32)])
+    report = memorisation_report(torch.zeros(1, 1, 32, 32), blank_train)
+    assert report["nearest_train_ssim"]["max"] > 0.95
+    assert report["copies"] == 0 and report["near_empty_not_counted"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ anatomy

@@ -318,11 +318,17 @@ def nearest_train_ssim(samples: Any, train: Any, factor: int = 4, top: int = 5, 
 
 
 def memorisation_report(samples: Any, train: Any, threshold: float = 0.95, **kw: Any) -> dict[str, Any]:
+    """Samples within SSIM ``threshold`` of a training slice. Near-empty samples (less head than EMPTY_AREA
+    of the slice) are not counted as copies: two near-blank slices score high whatever a model learned, and
+    the near-empty share already counts them."""
     score, index = nearest_train_ssim(samples, train, **kw)
-    copies = (score > threshold).nonzero().flatten()
+    x = _as_float_images(samples)
+    has_head = (x > HEAD_THRESHOLD).float().mean(dim=(1, 2, 3)) >= EMPTY_AREA
+    copies = ((score > threshold) & has_head).nonzero().flatten()
     return {
         "nearest_train_ssim": summarize(score) | {"max": float(score.max())},
         "threshold": threshold,
+        "near_empty_not_counted": int((~has_head).sum()),
         "copies": len(copies),
         "copy_fraction": float(len(copies) / max(len(score), 1)),
         "copied_samples": [{"sample": i, "train_index": int(index[i]), "ssim": float(score[i])}
