@@ -322,8 +322,7 @@ def memorisation_report(samples: Any, train: Any, threshold: float = 0.95, **kw:
     of the slice) are not counted as copies: two near-blank slices score high whatever a model learned, and
     the near-empty share already counts them."""
     score, index = nearest_train_ssim(samples, train, **kw)
-    x = _as_float_images(samples)
-    has_head = (x > HEAD_THRESHOLD).float().mean(dim=(1, 2, 3)) >= EMPTY_AREA
+    has_head = torch.from_numpy(head_area(samples) >= EMPTY_AREA)
     copies = ((score > threshold) & has_head).nonzero().flatten()
     return {
         "nearest_train_ssim": summarize(score) | {"max": float(score.max())},
@@ -370,17 +369,22 @@ def head_pixels(images: Any) -> np.ndarray:
     return x[x > HEAD_THRESHOLD]
 
 
+def head_area(images: Any) -> np.ndarray:
+    """Per image: the fraction of the slice brighter than HEAD_THRESHOLD (below EMPTY_AREA: near-empty)."""
+    return (_as_float_images(images).numpy() > HEAD_THRESHOLD).mean(axis=(1, 2, 3))
+
+
 def anatomy_stats(images: Any, gmm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per image: head area (fraction of the slice) and CSF/grey/white fractions of the head."""
-    x = _as_float_images(images).numpy()[:, 0]
-    out: dict[str, list[float]] = {"head_area": [], **{t: [] for t in TISSUES}}
+    images = _as_float_images(images)  # once: head_area takes the float tensor as it is
+    x = images.numpy()[:, 0]
+    out: dict[str, list[float]] = {t: [] for t in TISSUES}
     for img in x:
         v = img[img > HEAD_THRESHOLD]
-        out["head_area"].append(v.size / img.size)
         counts = np.bincount(_assign(v, gmm), minlength=3) if v.size else np.zeros(3)
         for t, c in zip(TISSUES, counts):
             out[t].append(c / max(v.size, 1))
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {"head_area": head_area(images), **{k: np.asarray(v) for k, v in out.items()}}
 
 
 def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
