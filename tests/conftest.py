@@ -9,6 +9,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED_DATA = Path(os.environ.get("OASISVQ_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, for tests that call its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared(sub: str) -> Path:
     """A folder of the real OASIS data beside the checkout; skips the test where it is absent."""
     p = SHARED_DATA / sub

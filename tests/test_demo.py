@@ -11,6 +11,8 @@ from PIL import Image
 
 from oasisvq.cli import main
 
+from .conftest import load_benchmark
+
 pytest.importorskip("nilearn", reason="the demo's embedded MRI ships with nilearn (pip install oasisvq[demo])")
 
 
@@ -89,13 +91,7 @@ def test_budget_split_leaves_the_measured_overhead():
 
 def test_budget_benchmark_rows_read_a_demo_folder(demo):
     # benchmarks/generation.py --budgets runs the demo at each budget and reads its folder back like this
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
-    spec = importlib.util.spec_from_file_location("bench_generation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("generation")
     rec = json.loads((demo / "run" / "eval-test" / "metrics.json").read_text())
     rep = json.loads((demo / "samples" / "samples_metrics.json").read_text())
     row = bench._row("demo", "maskgit", demo / "run", rec, rep, 2.5, demo / "samples")

@@ -17,6 +17,8 @@ from oasisvq.errors import CheckpointError, ConfigError, DataError
 from oasisvq.evaluation import evaluate_sample_dir
 from oasisvq.models import VQVAE
 
+from .conftest import load_benchmark
+
 SIZE = 32
 
 
@@ -156,15 +158,9 @@ def test_position_classes():
 
 
 def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
     data = _slices((40, 6, 6))  # at least one batch of the default prior batch size (32)
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
-    spec = importlib.util.spec_from_file_location("bench_generation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("generation")
     rc = bench.main(["--runs", str(run), "--kinds", "transformer", "pixelcnn", "--minutes", "0.01", "--n", "4",
                      "--layers", "1", "--width", "16", "--out", str(tmp_path / "bench"), "--device", "cpu"])
     out = capsys.readouterr().out
