@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import inspect
 import math
 import os
@@ -20,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +94,14 @@ def distributed_context():
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    except BaseException as e:
+        # An error or a stop signal leaves the DDP wrapper alive in the traceback's frames. Freed only after the
+        # group is destroyed, its gloo process group deadlocked in its destructor (about 1 run in 7 of the
+        # signal test): free it now, as a normal return does.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
