@@ -239,6 +239,9 @@ def test_failed_build_leaves_no_cache(tmp_path, cache_dir):
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
     ss = load_slices(_cfg(tmp_path, size=64), cache_dir=cache_dir, skip_bad=True)
     assert len(ss) == 3 and any("case_9" in s for s in ss.index["skipped"])
+    # the cache built with skip_bad does not serve a later call without it
+    with pytest.raises(DataError, match=r"case_9_slice_0.png: not a readable image .*1 unreadable file.*--skip-bad"):
+        load_slices(_cfg(tmp_path, size=64), cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------------------------- bad input

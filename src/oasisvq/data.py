@@ -421,7 +421,12 @@ def load_slices(cfg: DataConfig, cache_dir: Path | str | None = None, skip_bad: 
     final = cache_root / key
     if not (final / "index.json").is_file():
         _build_cache(discoveries, cfg, final, skip_bad, progress)
-    return open_cache(final)
+    slices = open_cache(final)
+    skipped = slices.index.get("skipped", [])
+    if skipped and not skip_bad:  # a cache built with skip_bad must not quietly drop files for a call without it
+        raise DataError(f"{skipped[0]} ({len(skipped)} unreadable file(s) in all); fix or remove them, or pass "
+                        "--skip-bad to leave them out")
+    return slices
 
 
 def open_cache(folder: Path) -> SliceSet:
