@@ -129,3 +129,47 @@ class VectorQuantizer(nn.Module):
             self.ema_sum[dead] = fresh
             self.ema_count[dead] = 1.0
             self.steps_unused[dead] = 0
+
+
+class ResidualQuantizer(nn.Module):
+    """``depth`` vector quantisers in sequence, each coding what the ones before left over (RQ-VAE, Lee et al.
+    2022): ``depth`` codes per grid position, summed. Indices are (N, depth, H, W)."""
+
+    def __init__(self, depth: int, num_codes: int, dim: int, **kw):
+        super().__init__()
+        self.stages = nn.ModuleList(VectorQuantizer(num_codes, dim, **kw) for _ in range(depth))
+        self.num_codes, self.dim = num_codes, dim
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(depth, K, D): every stage's codes."""
+        return torch.stack([vq.codebook for vq in self.stages])
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return sum(vq.lookup(indices[:, d]) for d, vq in enumerate(self.stages))
+
+    def assign_grid(self, z: torch.Tensor) -> torch.Tensor:
+        n, d, h, w = z.shape
+        residual = z.float().permute(0, 2, 3, 1).reshape(-1, d)
+        out = []
+        for vq in self.stages:
+            idx = vq.assign(residual)
+            residual = residual - vq.codebook[idx]
+            out.append(idx.view(n, h, w))
+        return torch.stack(out, 1)
+
+    def forward(self, z: torch.Tensor):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            residual, total, commit, idxs, stats = z.detach(), torch.zeros_like(z), 0.0, [], {}
+            for d, vq in enumerate(self.stages):
+                q, idx, c, st = vq(residual + (z - z.detach()))  # each stage's commitment pulls the encoder
+                q = q.detach()  # values only: the gradient goes straight through the sum below
+                residual = residual - q
+                total = total + q
+                commit = commit + c
+                idxs.append(idx)
+                if d == 0:
+                    stats = st
+            q_st = z + (total - z).detach()
+        return q_st, torch.stack(idxs, 1), commit, stats
