@@ -39,11 +39,11 @@ def _slices(n_per_split=(12, 6, 6), seed=0) -> SliceSet:
     return SliceSet(imgs, index)
 
 
-def make_run(run_dir, code_depth: int = 1):
+def make_run(run_dir):
     """A run folder with a (random-weight) tiny VQ-VAE checkpoint in the format training.py writes."""
     cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=SIZE),
                     model=ModelConfig(downsample=8, channels=(8, 8, 8), hidden=8, res_blocks=1, num_codes=16,
-                                      code_dim=4, code_depth=code_depth))
+                                      code_dim=4))
     torch.manual_seed(0)
     model = VQVAE(cfg.model)
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -114,8 +114,6 @@ def build_train_config(a):
         cfg.train.epochs = 0  # a time budget alone
     if a.size is not None:
         cfg.data = replace(cfg.data, size=a.size)
-    if a.code_depth is not None:
-        cfg.model.code_depth = a.code_depth
     return cfg.validate()
 
 
@@ -381,8 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, help="peak learning rate")
     t.add_argument("--downsample", type=int, choices=[4, 8, 16], help="image size / code grid size")
     t.add_argument("--size", type=_positive_int, help="slice size (multiple of 16)")
-    t.add_argument("--code-depth", type=_positive_int,
-                   help="codes per grid position (> 1: residual codes, coarse to fine; priors: maskgit only)")
     _opt_device(t, default=None)
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--compile", choices=["auto", "on", "off"],

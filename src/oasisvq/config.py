@@ -52,7 +52,6 @@ class ModelConfig:
     res_blocks: int = 2
     num_codes: int = 512
     code_dim: int = 32
-    code_depth: int = 1  # > 1: residual quantisation, this many codes per grid position (trial)
     decay: float = 0.99  # EMA decay of the codebook
     beta: float = 0.25  # commitment weight
     cosine: bool = False  # l2-normalised codes and encodings
@@ -77,8 +76,6 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if min(self.channels) <= 0 or self.res_blocks < 0:
             raise ConfigError("model.channels must be positive and model.res_blocks non-negative")
-        if self.code_depth < 1 or (self.code_depth > 1 and self.cosine):
-            raise ConfigError("model.code_depth must be >= 1 (and 1 with cosine codes)")
         if not 0 < self.decay < 1:
             raise ConfigError(f"model.decay must be in (0, 1), got {self.decay}")
         if self.recon_loss not in ("l1", "mse"):
@@ -203,8 +200,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                "num_codes": 512, "code_dim": 32},
     "cpu-f16": {"downsample": 16, "channels": (16, 32, 64, 128), "hidden": 128, "res_blocks": 2,
                 "num_codes": 512, "code_dim": 32},
-    "cpu-f16r2": {"downsample": 16, "channels": (16, 32, 64, 128), "hidden": 128, "res_blocks": 2,
-                  "num_codes": 512, "code_dim": 32, "code_depth": 2},
     "gpu": {"downsample": 4, "channels": (64, 128), "hidden": 256, "res_blocks": 4, "num_codes": 1024,
             "code_dim": 64},
     "gpu-f8": {"downsample": 8, "channels": (64, 128, 256), "hidden": 256, "res_blocks": 4,

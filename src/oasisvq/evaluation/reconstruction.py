@@ -66,7 +66,7 @@ def evaluate(run_dir: Path | str, data: list[str] | None = None, split: str = "t
 
     atomic_write_csv(out / "per_slice.csv", rows, list(rows[0]))
     p = counts[counts > 0] / counts.sum()
-    bits = (cfg.data.size // f) ** 2 * cfg.model.code_depth * math.log2(cfg.model.num_codes) / cfg.data.size**2
+    bits = (cfg.data.size // f) ** 2 * math.log2(cfg.model.num_codes) / cfg.data.size**2
     model_stats = {k: summarize([r[k] for r in rows]) for k in PER_SLICE_KEYS}
     model_stats["ssim"]["fraction_above_0.6"] = float(np.mean([r["ssim"] > 0.6 for r in rows]))
     model_stats["ssim_head"]["fraction_above_0.6"] = float(np.mean([r["ssim_head"] > 0.6 for r in rows]))

@@ -75,12 +75,6 @@ def _check_heads(cfg: PriorConfig) -> None:
         raise ConfigError(f"prior.width {cfg.width} must be divisible by prior.heads {cfg.heads}")
 
 
-def _single_depth(grid: tuple[int, ...], kind: str) -> None:
-    if len(grid) != 2:
-        raise ConfigError(f"the {kind} prior models one code per position; residual codes (depth {grid[0]}) need "
-                          "--kind maskgit")
-
-
 def _check_cond(cond: torch.Tensor | None, n: int, num_classes: int) -> None:
     if num_classes == 0:
         if cond is not None:
@@ -258,7 +252,6 @@ class GatedPixelCNN(Prior):
 
     @classmethod
     def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> GatedPixelCNN:
-        _single_depth(grid, cfg.kind)
         return cls(num_codes, cfg.width, cfg.layers, cfg.kernel, cfg.num_classes, cfg.dropout, cfg.cond_dropout)
 
     @staticmethod
@@ -386,7 +379,6 @@ class TransformerPrior(Prior):
 
     @classmethod
     def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> TransformerPrior:
-        _single_depth(grid, cfg.kind)
         return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
                    cfg.cond_dropout)
 
@@ -500,138 +492,95 @@ def masked_count(step: int, steps: int, length: int) -> int:
 
 
 class MaskGITPrior(Prior):
-    """``grid`` is (h, w), or (depth, h, w) for residual codes (several codes per position, coarse to fine):
-    those are decoded depth by depth, each depth by MaskGIT given the depths before it, with the ones after
-    still masked. A grid's loss is that of one depth, drawn uniformly."""
-
-    def __init__(self, num_codes: int, grid: tuple[int, ...], width: int = 128, layers: int = 4,
+    def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
                  heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1,
                  decode_steps: int = 12):
         super().__init__()
-        if len(grid) not in (2, 3):
-            raise ValueError(f"grid must be (h, w) or (depth, h, w), got {tuple(grid)}")
-        self.depth = grid[0] if len(grid) == 3 else 1
-        self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid[-2:])
+        self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
         self.cond_dropout, self.decode_steps = cond_dropout, decode_steps
         self.mask_id = num_codes
-        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]; depth 0
-        self.row = nn.Embedding(self.grid[0], width)
-        self.col = nn.Embedding(self.grid[1], width)
+        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
+        self.row = nn.Embedding(grid[0], width)
+        self.col = nn.Embedding(grid[1], width)
         self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_codes)  # real codes only: [MASK] is never a prediction
-        if self.depth > 1:  # the finer depths' own embeddings and heads
-            self.tok_fine = nn.ModuleList(nn.Embedding(num_codes + 1, width) for _ in range(self.depth - 1))
-            self.head_fine = nn.ModuleList(nn.Linear(width, num_codes) for _ in range(self.depth - 1))
         _gpt_init(self, layers)
 
     @classmethod
-    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, ...]) -> MaskGITPrior:
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskGITPrior:
         return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
                    cfg.cond_dropout, cfg.decode_steps)
 
     check_config = staticmethod(_check_heads)
 
-    def _toks(self) -> list[nn.Embedding]:
-        return [self.tok, *(self.tok_fine if self.depth > 1 else [])]
-
-    def _heads(self) -> list[nn.Linear]:
-        return [self.head, *(self.head_fine if self.depth > 1 else [])]
-
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
-        """``codebook`` (K, D), or (depth, K, D) for residual codes."""
-        books = codebook if codebook.dim() == 3 else codebook[None]
         with torch.no_grad():
-            for tok, book in zip(self._toks(), books):
-                tok.weight[:self.num_codes] = _codebook_embedding(book, tok.embedding_dim, 0.02)
+            self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 0.02)
 
-    def _features(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """Codes ``seq`` (N, depth, h*w) in raster order, [MASK] allowed -> features (N, h*w, width)."""
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
         if h > self.grid[0] or w > self.grid[1]:
             raise ValueError(f"grid {h}x{w} is larger than the prior's {self.grid[0]}x{self.grid[1]}")
         pos = (self.row.weight[:h, None] + self.col.weight[None, :w]).reshape(h * w, -1)
-        x = sum(tok(seq[:, d]) for d, tok in enumerate(self._toks())) + pos
+        x = self.tok(seq) + pos
         if self.cls is not None:
             x = x + self.cls(cond)[:, None, :]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x)
-
-    def _as_depths(self, indices: torch.Tensor) -> torch.Tensor:
-        """(N, h, w) or (N, depth, h, w) -> (N, depth, h, w)."""
-        if indices.dim() == 3 and self.depth == 1:
-            return indices[:, None]
-        if indices.dim() != 4 or indices.shape[1] != self.depth:
-            raise ValueError(f"expected codes of depth {self.depth}, got shape {tuple(indices.shape)}")
-        return indices
+        return self.head(self.ln_f(x))
 
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (N, K, h, w) of depth 0; (N, depth, K, h, w) of every depth for residual codes."""
-        x = self._as_depths(indices)
-        n, depth, h, w = x.shape
+        n, h, w = indices.shape
         _check_cond(cond, n, self.num_classes)
-        f = self._features(x.reshape(n, depth, h * w), h, w, self._drop_cond(cond))
-        logits = torch.stack([head(f).transpose(1, 2).reshape(n, self.num_codes, h, w) for head in self._heads()], 1)
-        return logits[:, 0] if indices.dim() == 3 else logits
+        logits = self._run(indices.reshape(n, h * w), h, w, self._drop_cond(cond))
+        return logits.transpose(1, 2).reshape(n, self.num_codes, h, w)
 
     def loss(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats) of the masked codes given the rest: per grid a share
-        mask_ratio(u), u ~ U(0, 1), of the positions (at least one), chosen uniformly, is masked. With
-        residual codes, at one depth per grid (drawn uniformly): the depths before it are given, the ones
-        after it masked."""
-        x = self._as_depths(indices)
-        n, depth, h, w = x.shape
+        mask_ratio(u), u ~ U(0, 1), of the positions (at least one), chosen uniformly, is masked."""
+        n, h, w = indices.shape
         length = h * w
         count = (mask_ratio(torch.rand(n)) * length).ceil().clamp(1, length)
         rank = torch.rand(n, length).argsort(1).argsort(1)  # a uniform random order of each grid's positions
         masked = (rank < count[:, None]).view(n, h, w).to(indices.device)
-        if depth == 1:
-            logits = self(indices.masked_fill(masked, self.mask_id), cond)
-            return F.cross_entropy(logits.float(), indices.masked_fill(~masked, -100), ignore_index=-100)
-        stage = torch.randint(0, depth, (n,)).to(indices.device)
-        d = torch.arange(depth, device=indices.device)[None, :, None, None]
-        hidden = (d > stage[:, None, None, None]) | ((d == stage[:, None, None, None]) & masked[:, None])
-        logits = self(x.masked_fill(hidden, self.mask_id), cond)  # (N, depth, K, h, w)
-        pick = torch.arange(n, device=indices.device)
-        target = x[pick, stage].masked_fill(~masked, -100)
-        return F.cross_entropy(logits[pick, stage].float(), target, ignore_index=-100)
+        logits = self(indices.masked_fill(masked, self.mask_id), cond)
+        return F.cross_entropy(logits.float(), indices.masked_fill(~masked, -100), ignore_index=-100)
 
     @torch.no_grad()
-    def sample(self, n: int, grid_hw: tuple[int, ...], temperature: float = 1.0, top_k: int = 0,
+    def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
                generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
                guidance: float = 1.0, steps: int | None = None, choice_temperature: float = 4.5
                ) -> torch.Tensor:
-        """Parallel decoding in ``steps`` passes (default ``decode_steps``, at most h*w) per depth. Each pass
-        samples every masked code; the kept ones are the most confident by log-probability plus Gumbel noise
+        """Parallel decoding in ``steps`` passes (default ``decode_steps``, at most h*w). Each pass samples
+        every masked code; the kept ones are the most confident by log-probability plus Gumbel noise
         scaled by ``choice_temperature``, annealed to 0 (MaskGIT's randomised top-k)."""
-        h, w = grid_hw[-2:]
+        h, w = grid_hw
         length = h * w
         steps = min(self.decode_steps if steps is None else steps, length)
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
         conds, both = self._guided_cond(cond, n, guidance)
         dev = self.head.weight.device
-        seq = torch.full((n, self.depth, length), self.mask_id, dtype=torch.long, device=dev)
-        for depth, head in enumerate(self._heads()):
-            cur = seq[:, depth]  # a view: filled in place
-            for s in range(steps):
-                masked = cur == self.mask_id
-                logits = self._mix(head(self._features(_twice(seq, both), h, w, conds)), n, guidance, both)
-                logits = _filter_logits(logits[masked], temperature, top_k)  # (masked codes, K), grid by grid
-                codes = _inverse_cdf(logits, generator)
-                cur[masked] = codes
-                keep_masked = masked_count(s + 1, steps, length)  # the same for every grid
-                if keep_masked == 0:
-                    break  # the last pass: every code is filled
-                conf = torch.full((n, length), math.inf, device=dev)  # codes fixed earlier are never re-masked
-                gumbel = -torch.log(-torch.log(torch.rand(n, length, generator=generator, device=dev)))
-                log_p = torch.log_softmax(logits, -1).gather(1, codes[:, None]).squeeze(1)
-                conf[masked] = log_p + choice_temperature * (1 - (s + 1) / steps) * gumbel[masked]
-                cur.scatter_(1, conf.topk(keep_masked, dim=1, largest=False).indices, self.mask_id)
-        return seq.view(n, h, w) if self.depth == 1 else seq.view(n, self.depth, h, w)
+        seq = torch.full((n, length), self.mask_id, dtype=torch.long, device=dev)
+        for s in range(steps):
+            masked = seq == self.mask_id
+            logits = self._mix(self._run(_twice(seq, both), h, w, conds), n, guidance, both)
+            logits = _filter_logits(logits[masked], temperature, top_k)  # (masked codes, K), grid by grid
+            codes = _inverse_cdf(logits, generator)
+            seq[masked] = codes
+            keep_masked = masked_count(s + 1, steps, length)  # the same for every grid
+            if keep_masked == 0:
+                break  # the last pass: every code is filled
+            conf = torch.full((n, length), math.inf, device=dev)  # codes fixed earlier are never re-masked
+            gumbel = -torch.log(-torch.log(torch.rand(n, length, generator=generator, device=dev)))
+            log_p = torch.log_softmax(logits, -1).gather(1, codes[:, None]).squeeze(1)
+            conf[masked] = log_p + choice_temperature * (1 - (s + 1) / steps) * gumbel[masked]
+            seq.scatter_(1, conf.topk(keep_masked, dim=1, largest=False).indices, self.mask_id)
+        return seq.view(n, h, w)
 
 
 # Every prior kind by name; a new kind is its class and one line here.

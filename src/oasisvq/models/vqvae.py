@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..metrics import ssim
-from .quantizer import ResidualQuantizer, VectorQuantizer
+from .quantizer import VectorQuantizer
 
 
 class ResBlock(nn.Module):
@@ -70,12 +70,8 @@ class VQVAE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        if cfg.code_depth > 1:
-            self.quantizer = ResidualQuantizer(cfg.code_depth, cfg.num_codes, cfg.code_dim, decay=cfg.decay,
-                                               beta=cfg.beta, dead_code_steps=cfg.dead_code_steps)
-        else:
-            self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.decay, cfg.beta, cfg.cosine,
-                                             cfg.dead_code_steps)
+        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.decay, cfg.beta, cfg.cosine,
+                                         cfg.dead_code_steps)
         self.decoder = Decoder(cfg)
 
     def _check(self, x: torch.Tensor) -> None:
@@ -89,8 +85,6 @@ class VQVAE(nn.Module):
         """Images (N, 1, H, W) in [0, 1] -> code indices (N, H/f, W/f)."""
         self._check(x)
         z = self.encoder(x)
-        if self.cfg.code_depth > 1:
-            return self.quantizer.assign_grid(z)
         n, d, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self.quantizer._prepare(z.float().permute(0, 2, 3, 1).reshape(-1, d))
@@ -98,7 +92,7 @@ class VQVAE(nn.Module):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (N, h, w) -> images (N, 1, h*f, w*f), clamped to [0, 1]."""
-        if indices.dim() != (3 if self.cfg.code_depth == 1 else 4):
+        if indices.dim() != 3:
             raise ValueError(f"decode_indices expects (N, h, w) indices, got {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.cfg.num_codes):
             raise ValueError(f"code indices must lie in [0, {self.cfg.num_codes})")
