@@ -30,7 +30,7 @@ import urllib3
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import _fsync_dir, atomic_write_text
+from .checkpoint import _fsync_dir, atomic_write_csv, atomic_write_text
 from .config import DataConfig
 from .data import (
     SPLITS,
@@ -468,14 +468,9 @@ def _prepare_subject(img_path: Path, session: str, split: str, out: Path, cfg: D
 
 
 def _write_subjects_csv(path: Path, done: dict[str, dict], demo: dict[str, dict[str, str]]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
     cols = list(DEMOGRAPHIC_COLUMNS) if demo else []
-    w.writerow(["subject", "session", "split", "slices", "masks", *cols])
-    for session in sorted(done):
-        d = done[session]
-        row = demo.get(session, {})
-        w.writerow([d["subject"], session, d["split"], d["slices"], int(d["masks"]),
-                    *[(row.get(c) or "").strip() for c in cols]])
-    atomic_write_text(path, buf.getvalue())
+    rows = [{"subject": d["subject"], "session": session, "split": d["split"], "slices": d["slices"],
+             "masks": int(d["masks"]), **{c: (demo.get(session, {}).get(c) or "").strip() for c in cols}}
+            for session, d in sorted(done.items())]
+    atomic_write_csv(path, rows, ["subject", "session", "split", "slices", "masks", *cols])
 
