@@ -8,6 +8,8 @@ Public API: ``encode(x) -> indices``, ``decode_indices(indices) -> image``, ``fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,24 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def _init_weights(module: nn.Module) -> None:
+    """He initialisation for the ReLU stack, and residual blocks that start as the identity.
+
+    PyTorch's default conv init shrinks the signal's variance several-fold per layer: through the 16x
+    encoder's nine layers its output was about 1e-3 of its input's spread, every slice encoded alike, and
+    the decoder settled on the mean image (on the demo's template it stayed there for hundreds of steps)."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.ConvTranspose2d):
+        # each output pixel of a stride-s transposed conv sums in_channels * k^2 / s^2 weighted inputs
+        fan_in = module.in_channels * math.prod(module.kernel_size) / math.prod(module.stride)
+        nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_in))
+        nn.init.zeros_(module.bias)
+    if isinstance(module, ResBlock):
+        nn.init.zeros_(module.block[-1].weight)
+
+
 class VQVAE(nn.Module):
     """Encoder -> vector quantiser -> decoder, configured by a :class:`ModelConfig`."""
 
@@ -73,6 +93,7 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.decay, cfg.beta, cfg.cosine,
                                          cfg.dead_code_steps)
         self.decoder = Decoder(cfg)
+        self.apply(_init_weights)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 1:
