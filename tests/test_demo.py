@@ -101,3 +101,24 @@ def test_budget_benchmark_rows_read_a_demo_folder(demo):
     assert "| demo | 16x16 | maskgit |" in bench._table([row])
     with pytest.raises(SystemExit):  # --budgets needs --data and --out
         bench.main(["--budgets", "1"])
+
+
+def test_demo_tokeniser_leaves_the_mean_image_within_one_epoch(demo, tmp_path):
+    """Regression: with PyTorch's default init the demo's 16x tokeniser output the template's mean image for
+    hundreds of steps (every slice reconstructed alike; one fresh-clone demo never left it)."""
+    import torch
+
+    from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
+    from oasisvq.data import load_slices
+    from oasisvq.tokenizer import load_model, train
+
+    cfg = RunConfig(data=DataConfig(paths=[str(demo / "data")]), model=model_preset("cpu-f16"),
+                    train=TrainConfig(epochs=1, batch_size=16, warmup_steps=10, val_slices=16, compile="off"))
+    train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)  # 49 steps
+    model, _ = load_model(tmp_path / "run", "last")
+    x = load_slices(cfg.data, cache_dir=tmp_path / "cache", progress=False).split("validate").tensor(range(0, 28, 2))
+    with torch.no_grad():
+        recon = model.decode_indices(model.encode(x))
+    spread = lambda t: float(t.std(dim=0).mean())  # how much slices differ from one another, pixel by pixel
+    assert spread(recon) > 0.3 * spread(x), (spread(recon), spread(x))
+    assert float((recon - x).abs().mean()) < float((x.mean(0, keepdim=True) - x).abs().mean())
