@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
     tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, odd)")
     tp.add_argument("--num-classes", type=int, help="condition on the slice position cut into this many classes")
-    tp.add_argument("--dropout", type=float)
+    tp.add_argument("--dropout", type=float,
+                    help="dropout on embeddings and residual branches; regularises small sets (default 0)")
     tp.add_argument("--cond-dropout", type=float,
                     help="share of training grids whose level is hidden (teaches guidance; default 0.1)")
     tp.add_argument("--decode-steps", type=_positive_int, help="maskgit: parallel decoding passes (default 12)")

@@ -39,7 +39,7 @@ class PriorConfig:
     width: int = 128  # transformer / MaskGIT embedding size, PixelCNN channels
     heads: int = 4  # transformer and MaskGIT
     num_classes: int = 0  # 0: unconditional; else cond is an int in [0, num_classes], num_classes: none
-    dropout: float = 0.0  # > 0 makes CPU attention fall back to a slow path (measured 5x per step)
+    dropout: float = 0.0  # on the embeddings and residual branches (not on attention weights: see SelfAttention)
     cond_dropout: float = 0.1  # conditional priors: P(class -> null class) per training grid, for guidance
     lr: float = 1e-3
     batch_size: int = 32
@@ -302,9 +302,12 @@ class GatedPixelCNN(Prior):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
+    """Multi-head self-attention with an optional KV cache. No dropout on the attention weights: with it,
+    CPU attention falls back to a slow path (measured 5x per step); the block drops its residual branch."""
+
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads, self.dropout, self.causal = heads, dropout, causal
+        self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -326,8 +329,7 @@ class SelfAttention(nn.Module):
                 raise ValueError("multi-token cached steps are only supported from an empty cache")
         else:
             causal = self.causal
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=drop)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
 
@@ -335,7 +337,7 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float, causal: bool = True):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout, causal)
+        self.attn = SelfAttention(width, heads, causal)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
                                  nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
