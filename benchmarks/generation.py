@@ -55,10 +55,12 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: float, out: Path) -> dict:
-    """One table row from a run's held-out reconstruction (``rec``) and its samples' metrics (``rep``)."""
+def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: float, out: Path,
+         meta: dict | None = None) -> dict:
+    """One table row from a run's held-out reconstruction (``rec``), its samples' metrics (``rep``) and its
+    prior's checkpoint metadata (``meta``, read here if not given)."""
     tok = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
-    meta = load_checkpoint(prior_dir(run, kind) / "last.safetensors")[1]
+    meta = meta or load_checkpoint(prior_dir(run, kind) / "last.safetensors")[1]
     floor = next(k for k in rec["floors"] if k.startswith("down"))
     fid, mem = rep["fidelity"], rep["memorisation"]
     return {
@@ -123,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.retrain or not (pdir / "last.safetensors").is_file():
                     train_prior(run, kind, epochs=10**6, max_minutes=args.minutes, device=args.device,
                                 overwrite=True, progress=False, **arch)
-                conditional = load_checkpoint(pdir / "last.safetensors")[1]["prior_config"]["num_classes"] > 0
+                meta = load_checkpoint(pdir / "last.safetensors")[1]
+                conditional = meta["prior_config"]["num_classes"] > 0
                 info = sample(run, kind, n=args.n, out=out, temperature=args.temperature,
                               level=(0.0, 1.0) if conditional else None,
                               guidance=args.guidance if conditional else 1.0, batch_size=args.batch_size,
                               device=args.device, progress=False)
                 rep = evaluate_sample_dir(run, out, max_real=args.max_real, device=args.device, progress=False)
-                rows.append(_row(run.name, kind, run, rec, rep, info["samples_per_second"], out))
+                rows.append(_row(run.name, kind, run, rec, rep, info["samples_per_second"], out, meta))
                 print(f"{run.name} {kind}: done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     except OasisVQError as e:
         print(f"error: {e}", file=sys.stderr)

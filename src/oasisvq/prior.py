@@ -92,11 +92,13 @@ def encode_slices(model, slices, device: torch.device, batch_size: int = 64, pro
 
 
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
-                 cache_dir: Path | str | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+                 cache_dir: Path | str | None = None, progress: bool = True, vqvae_fingerprint: str = ""
+                 ) -> dict[str, torch.Tensor]:
     """Train/validate code grids and slice positions, from ``prior-<kind>/codes.safetensors`` if it
-    matches the run's current VQ-VAE, else encoded now and cached."""
+    matches the run's current VQ-VAE (``vqvae_fingerprint``, hashed here if not given), else encoded now
+    and cached."""
     path = prior_dir(run_dir, kind) / CODES_FILE
-    fp = fingerprint(Path(run_dir))
+    fp = vqvae_fingerprint or fingerprint(Path(run_dir))
     if path.is_file():
         try:
             tensors, meta = load_checkpoint(path)
@@ -278,10 +280,10 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=2)
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress)
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress, vqvae_fingerprint=fp)
         training.barrier(world)
         if rank > 0:
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False)
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False, vqvae_fingerprint=fp)
         if len(codes["train.codes"]) == 0 or len(codes["validate.codes"]) == 0:
             raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
         if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
