@@ -103,6 +103,13 @@ def test_train_prior_stops_on_time_budget(run):
     assert res.get("stopped_by_time") and not (run / "prior-pixelcnn" / "last.safetensors").exists()
 
 
+def test_train_prior_with_only_a_time_budget_is_not_capped_at_ten_epochs(run, one_thread):
+    res = prior.train_prior(run, "pixelcnn", max_minutes=0.1, progress=False, **TINY)
+    meta = load_checkpoint(run / "prior-pixelcnn" / "last.safetensors")[1]
+    assert meta["prior_config"]["epochs"] == 0 and res["stopped_by_time"]
+    assert res["step"] > 10 * 3  # 10 epochs of 3 steps was the old cap
+
+
 def test_sample_reproducible_pngs_and_guards(run, tmp_path):
     prior.train_prior(run, "pixelcnn", epochs=1, progress=False, num_classes=0, **TINY)  # unconditional
     a = sampling.sample(run, "pixelcnn", n=5, out=tmp_path / "a", seed=3, batch_size=2, progress=False)

@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png)."))
     _arg_run(tp, "run folder with a trained VQ-VAE")
     tp.add_argument("--kind", default="maskgit", choices=list(PRIOR_KINDS))
-    _opt_budget(tp, "total epochs (default 10; --resume: the saved total)", "time budget of this call in minutes")
+    _opt_budget(tp, "total epochs (default 10, or no limit with --max-minutes; --resume: the saved total)",
+                "time budget of this call in minutes")
     tp.add_argument("--layers", type=_positive_int)
     tp.add_argument("--width", type=_positive_int, help="embedding size / channels")
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")

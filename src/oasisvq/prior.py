@@ -236,8 +236,8 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
     seed, kernel, init_from_codebook, cond_dropout, decode_steps). Without ``num_classes`` the prior
     conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice has one, else on nothing. ``epochs`` is the total number of epochs
-    (default 10; a resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0
-    bounds the wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a
+    (default: 10, or no limit when ``max_minutes`` is given; a resumed run continues up to it, by default to
+    the saved total); ``max_minutes`` > 0 bounds the wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a
     fixed subset). Returns the final metrics row plus paths.
 
     Under ``torchrun``, ``batch_size`` is per process, each rank reads its share of every global batch,
@@ -249,7 +249,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     run_dir = Path(run_dir)
     pdir = prior_dir(run_dir, kind)
     if not resume:  # bad options fail before any slow encoding; the level classes are settled after it
-        cfg = PriorConfig(kind=kind, epochs=10 if epochs is None else epochs, max_minutes=max_minutes,
+        # a time budget alone rules (as in `oasisvq train`); with neither, 10 epochs
+        default_epochs = 0 if max_minutes > 0 else 10
+        cfg = PriorConfig(kind=kind, epochs=default_epochs if epochs is None else epochs, max_minutes=max_minutes,
                           **{"num_classes": LEVEL_CLASSES, **options}).validate()
     last_path = pdir / "last.safetensors"
     if resume and not last_path.is_file():
