@@ -235,10 +235,11 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
     seed, kernel, init_from_codebook, cond_dropout, decode_steps). Without ``num_classes`` the prior
-    conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice has one, else on nothing. ``epochs`` is the total number of epochs
-    (default: 10, or no limit when ``max_minutes`` is given; a resumed run continues up to it, by default to
-    the saved total); ``max_minutes`` > 0 bounds the wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a
-    fixed subset). Returns the final metrics row plus paths.
+    conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice has one, else on nothing.
+    ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a
+    resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
+    wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a fixed
+    subset). Returns the final metrics row plus paths.
 
     Under ``torchrun``, ``batch_size`` is per process, each rank reads its share of every global batch,
     rank 0 validates and writes, and a run resumes on another number of processes."""

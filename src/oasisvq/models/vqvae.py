@@ -78,7 +78,7 @@ def _init_weights(module: nn.Module) -> None:
         fan_in = module.in_channels * math.prod(module.kernel_size) / math.prod(module.stride)
         nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_in))
         nn.init.zeros_(module.bias)
-    if isinstance(module, ResBlock):
+    if isinstance(module, ResBlock):  # Module.apply visits children first: this overrides the He init above
         nn.init.zeros_(module.block[-1].weight)
 
 
