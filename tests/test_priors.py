@@ -156,11 +156,11 @@ def _class_inputs(model: torch.nn.Module) -> tuple[list[torch.Tensor], Removable
 
 
 def test_registry_builds_every_kind():
-    assert list(PRIOR_KINDS) == ["transformer", "pixelcnn", "maskgit"]
+    assert list(PRIOR_KINDS) == ["transformer", "pixelcnn", "maskgit", "upsampler"]  # upsampler: test_upsampler.py
     expected = {"transformer": TransformerPrior, "pixelcnn": GatedPixelCNN, "maskgit": MaskGITPrior}
-    for kind in PRIOR_KINDS:
+    for kind, cls in expected.items():
         model = _tiny(kind, num_classes=2).eval()
-        assert type(model) is PRIOR_KINDS[kind] is expected[kind]
+        assert type(model) is PRIOR_KINDS[kind] is cls
         model.init_from_codebook(torch.randn(10, 6))
         out = model(torch.randint(0, 10, (2, 3, 4)), torch.tensor([0, 1]))
         assert out.shape == (2, 10, 3, 4)

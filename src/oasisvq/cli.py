@@ -170,6 +170,10 @@ def cmd_train_prior(a) -> int:
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
+    if a.coarse is not None:
+        options["coarse_run"] = str(a.coarse)
+    if a.coarse_prior is not None:
+        options["coarse_prior"] = a.coarse_prior
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
                          overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
                          progress=not a.no_progress, **options)
@@ -412,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = sub.add_parser("train-prior", help="train a prior over a run's code grids", description=(
         "Encode the run's train/validate slices once (cached), train a MaskGIT, transformer or gated PixelCNN prior "
-        "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png)."))
+        "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png). The upsampler "
+        "(--kind upsampler --coarse COARSE_RUN) learns this run's codes given a coarser run's codes of the same "
+        "slices; sampling it draws the layout from the coarse run's prior first."))
     _arg_run(tp, "run folder with a trained VQ-VAE")
     tp.add_argument("--kind", default="maskgit", choices=list(PRIOR_KINDS))
     _opt_budget(tp, "total epochs (default 10, or no limit with --max-minutes; --resume: the saved total)",
@@ -426,7 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dropout on embeddings and residual branches; regularises small sets (default 0)")
     tp.add_argument("--cond-dropout", type=float,
                     help="share of training grids whose level is hidden (teaches guidance; default 0.1)")
-    tp.add_argument("--decode-steps", type=_positive_int, help="maskgit: parallel decoding passes (default 12)")
+    tp.add_argument("--decode-steps", type=_positive_int,
+                    help="maskgit / upsampler: parallel decoding passes (default 12; upsampler 32)")
+    tp.add_argument("--coarse", type=Path, metavar="COARSE_RUN",
+                    help="upsampler: a run with a coarser code grid on the same slices, whose prior draws the layout")
+    tp.add_argument("--coarse-prior", choices=[k for k in PRIOR_KINDS if k != "upsampler"],
+                    help="upsampler: the coarse run's prior kind that samples the coarse codes (default maskgit)")
     tp.add_argument("--lr", type=_positive_float)
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)
@@ -449,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--level", type=_level, help="level(s) to draw: 0.5, or a range 0.3:0.8 (conditional priors)")
     sp.add_argument("--guidance", type=float, default=1.0,
                     help="classifier-free guidance weight: 0 unconditional, 1 conditional (default), >1 stronger")
-    sp.add_argument("--steps", type=_positive_int, help="maskgit: decoding passes (default: the prior's)")
+    sp.add_argument("--steps", type=_positive_int, help="maskgit / upsampler: decoding passes (default: the prior's)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
     _opt_checkpoint(sp, paths=False)
     _add_run_options(sp)

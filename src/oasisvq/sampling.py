@@ -28,6 +28,20 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _coarse_prior(meta: dict[str, Any], which: str, dev: torch.device):
+    """The prior that samples an upsampler's coarse codes, checked against the codes it was trained on."""
+    pcfg = meta["prior_config"]
+    coarse_run = Path(pcfg["coarse_run"])
+    if fingerprint(coarse_run) != meta.get("coarse_vqvae"):
+        raise CheckpointError(f"{coarse_run}: its VQ-VAE changed after the upsampler was trained on its codes; "
+                              "train the upsampler again")
+    model, cmeta = load_prior(coarse_run, pcfg["coarse_prior"], which, dev)
+    if cmeta.get("vqvae") != meta["coarse_vqvae"]:
+        raise CheckpointError(f"{prior_dir(coarse_run, pcfg['coarse_prior'])}: this prior belongs to another "
+                              f"VQ-VAE than the one the upsampler was trained on; train it again")
+    return model, cmeta
+
+
 def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
            temperature: float = 1.0, top_k: int = 0, seed: int = 0, cond: int | None = None, *,
            level: float | tuple[float, float] | None = None, guidance: float = 1.0, steps: int | None = None,
@@ -71,7 +85,12 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             f"{prior_dir(run_dir, prior) / (which + '.safetensors')}: this prior was trained for "
             f"{meta.get('num_codes')} codes on {meta.get('image_size')}px slices but the run's VQ-VAE has "
             f"{vq.cfg.num_codes} codes on {vq_cfg.data.size}px slices; train the prior again")
-    k_cls = meta["prior_config"]["num_classes"]
+    coarse_model = None
+    if meta["prior_config"]["kind"] == "upsampler":  # the coarse prior draws the layout and takes the level
+        coarse_model, cond_meta = _coarse_prior(meta, which, dev)
+    else:
+        cond_meta = meta
+    k_cls = cond_meta["prior_config"]["num_classes"]
     if cond is not None and not k_cls:
         raise ConfigError(f"the {prior} prior of {run_dir} is unconditional; drop cond (or train with num_classes)")
     if cond is not None and not 0 <= cond < k_cls:
@@ -83,8 +102,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         raise ConfigError(f"guidance {guidance}: needs a conditional prior and a weight >= 0")
     extra = {}
     if steps is not None:
-        if meta["prior_config"]["kind"] != "maskgit" or steps <= 0:
-            raise ConfigError(f"steps {steps}: only a maskgit prior decodes in steps (a positive number)")
+        if meta["prior_config"]["kind"] not in ("maskgit", "upsampler") or steps <= 0:
+            raise ConfigError(f"steps {steps}: only maskgit and upsampler priors decode in steps (a positive number)")
         extra["steps"] = steps
 
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -94,7 +113,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             levels = lo + (hi - lo) * torch.rand(n, generator=gen, device=dev)
             conds = (levels * k_cls).long().clamp(0, k_cls - 1)
         elif cond is None:
-            p = torch.tensor(meta["class_counts"], dtype=torch.float, device=dev) + 1e-3
+            p = torch.tensor(cond_meta["class_counts"], dtype=torch.float, device=dev) + 1e-3
             conds = torch.multinomial(p, n, replacement=True, generator=gen)
         else:
             conds = torch.full((n,), cond, dtype=torch.long, device=dev)
@@ -108,7 +127,12 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         for b in range(0, n, batch_size):
             m = min(batch_size, n - b)
             c = None if conds is None else conds[b:b + m]
-            idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra)
+            if coarse_model is None:
+                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra)
+            else:
+                top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
+                                          guidance=guidance, **extra)
+                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=top, **extra)
             img = vq.decode_indices(idx)[:, 0].float().mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
             images.append(img)
             bar.update(m)

@@ -1,4 +1,5 @@
-"""Priors over VQ-VAE code grids: a gated PixelCNN, a decoder-only transformer and a MaskGIT.
+"""Priors over VQ-VAE code grids: a gated PixelCNN, a decoder-only transformer, a MaskGIT, and an
+upsampler (fine codes given a coarser grid's codes of the same slice).
 
 All read a grid of code indices ``(N, h, w)`` and share one interface:
 
@@ -9,7 +10,8 @@ All read a grid of code indices ``(N, h, w)`` and share one interface:
   the prior predicts (all of them for the autoregressive priors, the masked ones for MaskGIT);
 * ``sample(n, grid_hw, temperature=1.0, top_k=0, generator=None, cond=None, guidance=1.0) -> (n, h, w)``.
 
-Conditional priors (``num_classes > 0``) take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
+The upsampler's ``cond`` is the coarse code grid (N, h/s, w/s). Conditional priors (``num_classes > 0``)
+take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
 is a learned null class ("no class"). In training mode each grid's class is replaced by the null class
 with probability ``cond_dropout``, so one network learns both p(codes | class) and p(codes) and sampling
 can use classifier-free guidance: ``l = l_uncond + guidance * (l_cond - l_uncond)``.
@@ -49,6 +51,9 @@ class PriorConfig:
     kernel: int = 5  # PixelCNN only: kernel width (odd)
     decode_steps: int = 12  # MaskGIT only: parallel decoding passes per sample
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
+    coarse_run: str = ""  # upsampler only: the run whose (coarser) codes condition this prior
+    coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
+    coarse_codes: int = 0  # upsampler only: the coarse run's codebook size (set when training starts)
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -57,6 +62,8 @@ class PriorConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prior.{name} must be positive, got {getattr(self, name)}")
         PRIOR_KINDS[self.kind].check_config(self)
+        if self.kind != "upsampler" and self.coarse_run:
+            raise ConfigError(f"prior.coarse_run is for the upsampler prior only, not {self.kind!r}")
         if self.num_classes < 0:
             raise ConfigError(f"prior.num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.dropout < 1:
@@ -156,6 +163,9 @@ class Prior(nn.Module):
     def check_config(cfg: PriorConfig) -> None:
         """Raise ConfigError for options this kind cannot use."""
 
+    def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
+        _check_cond(cond, n, self.num_classes)
+
     def _drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """In training, each grid's class becomes the null class with probability ``cond_dropout``: that
         teaches the unconditional model that guidance needs. Drawn on the CPU from the global RNG."""
@@ -168,7 +178,7 @@ class Prior(nn.Module):
                      ) -> tuple[torch.Tensor | None, bool]:
         """The classes to run the network with while sampling, and whether the batch is doubled
         (conditional half first, null-class half second). Only the passes ``guidance`` needs run."""
-        _check_cond(cond, n, self.num_classes)
+        self.check_cond(cond, n)
         if cond is None:
             if guidance != 1:
                 raise ValueError("guidance needs a conditional prior")
@@ -537,7 +547,7 @@ class MaskGITPrior(Prior):
 
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         n, h, w = indices.shape
-        _check_cond(cond, n, self.num_classes)
+        self.check_cond(cond, n)
         logits = self._run(indices.reshape(n, h * w), h, w, self._drop_cond(cond))
         return logits.transpose(1, 2).reshape(n, self.num_codes, h, w)
 
@@ -566,7 +576,7 @@ class MaskGITPrior(Prior):
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
         conds, both = self._guided_cond(cond, n, guidance)
-        dev = self.head.weight.device
+        dev = self.tok.weight.device
         seq = torch.full((n, length), self.mask_id, dtype=torch.long, device=dev)
         for s in range(steps):
             masked = seq == self.mask_id
@@ -585,11 +595,88 @@ class MaskGITPrior(Prior):
         return seq.view(n, h, w)
 
 
+# --------------------------------------------------------------------------------------------------
+# Upsampler: the fine codes of one run given the coarse codes of another run of the same slices (a
+# two-level code as in VQ-VAE-2, Razavi et al. 2019, with the levels in two tokenisers). The coarse
+# prior draws the head's layout on its small grid; this one fills in the fine grid around it. Given the
+# coarse codes what is left is mostly local, so the network is convolutional (dilated residual blocks,
+# far cheaper per step than attention over every fine code) and decodes like MaskGIT.
+# --------------------------------------------------------------------------------------------------
+
+
+class _DilatedBlock(nn.Module):
+    def __init__(self, width: int, dilation: int, dropout: float):
+        super().__init__()
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation),
+                                   nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(width, width, 1))
+        nn.init.zeros_(self.block[-1].weight)  # starts as the identity
+        nn.init.zeros_(self.block[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class UpsamplerPrior(MaskGITPrior):
+    """MaskGIT decoding over a fine code grid; ``cond`` is the coarse code grid (N, h/s, w/s) of the same
+    slices (s = 2 for a 16x16 grid under a 32x32 one), not a class."""
+
+    def __init__(self, num_codes: int, coarse_codes: int, width: int = 128, layers: int = 6,
+                 dropout: float = 0.0, decode_steps: int = 12):
+        nn.Module.__init__(self)  # MaskGIT's transformer layers are not built
+        self.num_codes, self.coarse_codes, self.num_classes = num_codes, coarse_codes, 0
+        self.cond_dropout, self.decode_steps, self.mask_id = 0.0, decode_steps, num_codes
+        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
+        self.coarse = nn.Embedding(coarse_codes, width)
+        # dilations 1, 2, 4, 8, 1, 2, ...: six blocks see 18 codes either way, most of a 32x32 grid
+        self.blocks = nn.Sequential(*(_DilatedBlock(width, 2 ** (i % 4), dropout) for i in range(layers)))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> UpsamplerPrior:
+        return cls(num_codes, cfg.coarse_codes, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps)
+
+    @staticmethod
+    def check_config(cfg: PriorConfig) -> None:
+        if not cfg.coarse_run:
+            raise ConfigError("the upsampler prior needs the coarse run whose codes condition it (coarse_run)")
+        if cfg.coarse_codes <= 0 or cfg.num_classes:
+            raise ConfigError("the upsampler prior needs prior.coarse_codes > 0 and no level classes "
+                              "(the coarse codes carry the level)")
+
+    def init_from_codebook(self, codebook: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 1.0)
+
+    def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
+        if cond is None or cond.dim() != 3 or cond.shape[0] != n:
+            raise ValueError(f"the upsampler prior takes the coarse code grids (N={n}, h, w) as cond")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.coarse_codes):
+            raise ValueError(f"coarse code indices must lie in [0, {self.coarse_codes})")
+
+    def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
+                     ) -> tuple[torch.Tensor | None, bool]:
+        self.check_cond(cond, n)
+        if guidance != 1:
+            raise ValueError("the upsampler prior has no guidance (its condition is never dropped)")
+        return cond, False
+
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Fine codes ``seq`` (N, h*w), [MASK] allowed, and coarse grids ``cond`` -> logits (N, h*w, K)."""
+        hc, wc = cond.shape[1:]
+        if h % hc or w % wc or h // hc != w // wc:
+            raise ValueError(f"a {h}x{w} fine grid is not an integer upscaling of the {hc}x{wc} coarse grid")
+        n = seq.shape[0]
+        x = self.tok(seq).view(n, h, w, -1).permute(0, 3, 1, 2)
+        x = x + F.interpolate(self.coarse(cond).permute(0, 3, 1, 2), scale_factor=h // hc, mode="nearest")
+        return self.head(self.blocks(x)).flatten(2).transpose(1, 2)
+
+
 # Every prior kind by name; a new kind is its class and one line here.
 PRIOR_KINDS: dict[str, type[Prior]] = {
     "transformer": TransformerPrior,
     "pixelcnn": GatedPixelCNN,
     "maskgit": MaskGITPrior,
+    "upsampler": UpsamplerPrior,
 }
 
 

@@ -1,0 +1,145 @@
+"""The upsampler prior: fine codes of one run given the coarse codes of another run of the same slices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oasisvq import prior, sampling
+from oasisvq.checkpoint import load_checkpoint, save_checkpoint
+from oasisvq.cli import main
+from oasisvq.config import DataConfig, ModelConfig, RunConfig
+from oasisvq.errors import CheckpointError, ConfigError
+from oasisvq.models import VQVAE
+from oasisvq.models.priors import PriorConfig, build_prior
+
+from .test_sampling import SIZE, TINY, _slices
+
+FINE, COARSE = 16, 8  # codebook sizes
+
+
+def _upsampler(**kw) -> torch.nn.Module:
+    cfg = PriorConfig(kind="upsampler", coarse_run="coarse", coarse_codes=COARSE, num_classes=0,
+                      **{"width": 32, "layers": 4, **kw})
+    return build_prior(cfg, FINE, (8, 8))
+
+
+def _pairs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse 4x4 grids and fine 8x8 grids that are a fixed function of them: each coarse code c becomes the
+    2x2 block (c, c + 8; c + 8, c) of fine codes."""
+    coarse = torch.randint(0, COARSE, (n, 4, 4), generator=gen)
+    up = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2
+    return up + COARSE * checker, coarse
+
+
+def test_logits_follow_the_coarse_code_above_each_fine_code():
+    torch.manual_seed(0)
+    model = _upsampler(layers=1).eval()  # one block at dilation 1: reach of one fine code either way
+    for p in model.blocks.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # leave the identity start, so the block mixes neighbours
+    gen = torch.Generator().manual_seed(0)
+    fine, coarse = _pairs(1, gen)
+    changed = coarse.clone()
+    changed[0, 0, 0] = (coarse[0, 0, 0] + 1) % COARSE  # covers fine rows/columns 0-1
+    with torch.no_grad():
+        diff = (model(fine, coarse) - model(fine, changed)).abs().amax(1)[0]
+    assert diff[:2, :2].min() > 0  # under the changed coarse code
+    assert diff[:3, :3].max() > 0 and diff[4:, :].max() == 0 and diff[:, 4:].max() == 0  # only nearby
+
+
+def test_decoding_fills_every_fine_code_and_is_reproducible():
+    torch.manual_seed(0)
+    model = _upsampler().eval()
+    _, coarse = _pairs(3, torch.Generator().manual_seed(1))
+    a = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=coarse, steps=5)
+    b = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=coarse, steps=5)
+    assert a.shape == (3, 8, 8) and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) < FINE
+    with pytest.raises(ValueError, match="coarse code grids"):
+        model.sample(3, (8, 8), cond=None)
+    with pytest.raises(ValueError, match="guidance"):
+        model.sample(3, (8, 8), cond=coarse, guidance=2.0)
+    with pytest.raises(ValueError, match="integer upscaling"):
+        model.sample(3, (6, 6), cond=coarse)
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        model.sample(3, (8, 8), cond=coarse + COARSE)
+    with pytest.raises(ConfigError, match="coarse run"):
+        PriorConfig(kind="upsampler", coarse_codes=COARSE, num_classes=0).validate()
+    with pytest.raises(ConfigError, match="upsampler prior only"):
+        PriorConfig(kind="maskgit", coarse_run="coarse").validate()
+
+
+def test_tiny_upsampler_learns_fine_codes_from_coarse_ones(one_thread):
+    torch.manual_seed(0)
+    model = _upsampler()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        fine, coarse = _pairs(16, gen)
+        loss = model.loss(fine, coarse)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    fine, coarse = _pairs(32, torch.Generator().manual_seed(99))
+    drawn = model.sample(32, (8, 8), generator=torch.Generator().manual_seed(0), cond=coarse, steps=4)
+    assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
+
+
+def _make_run(run_dir, downsample: int, num_codes: int, size: int = SIZE):
+    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=size),
+                    model=ModelConfig(downsample=downsample, channels=(8,) * {8: 3, 16: 4}[downsample], hidden=8,
+                                      res_blocks=1, num_codes=num_codes, code_dim=4))
+    torch.manual_seed(downsample)
+    tensors = {f"model.{k}": v for k, v in VQVAE(cfg.model).state_dict().items()}
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg.save(run_dir / "config.json")
+    for name in ("best", "last"):
+        save_checkpoint(run_dir / "checkpoints" / f"{name}.safetensors", tensors,
+                        {"kind": "vqvae", "config": cfg.to_dict()})
+    return run_dir
+
+
+@pytest.fixture()
+def two_runs(tmp_path, monkeypatch):
+    data = _slices()
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
+    return _make_run(tmp_path / "fine", 8, FINE), _make_run(tmp_path / "coarse", 16, COARSE)
+
+
+def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_runs, tmp_path, monkeypatch):
+    fine, coarse = two_runs
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    with pytest.raises(ConfigError, match="coarse run"):
+        prior.train_prior(fine, "upsampler", epochs=1, progress=False)
+    monkeypatch.chdir(tmp_path)  # a relative coarse path is stored resolved
+    assert main(["train-prior", "fine", "--kind", "upsampler", "--coarse", "coarse", "--epochs", "1", "--width", "16",
+                 "--layers", "2", "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["train-prior", "fine", "--kind", "upsampler", "--epochs", "2", "--resume", "--no-progress"]) == 0
+    meta = load_checkpoint(fine / "prior-upsampler" / "last.safetensors")[1]
+    assert meta["step"] == 2 * 3 and 0 < meta["best_val_bits"] < 8
+    assert meta["prior_config"]["coarse_run"] == str(coarse.resolve())
+    assert meta["prior_config"]["coarse_codes"] == COARSE and meta["coarse_grid"] == [2, 2] and meta["grid"] == [4, 4]
+    assert meta["coarse_vqvae"] == prior.fingerprint(coarse) and meta["prior_config"]["decode_steps"] == 32
+
+    info = sampling.sample(fine, "upsampler", n=5, out=tmp_path / "s", level=(0.2, 0.6), seed=1, steps=3,
+                           batch_size=2, progress=False)
+    again = sampling.sample(fine, "upsampler", n=5, out=tmp_path / "t", level=(0.2, 0.6), seed=1, steps=3,
+                            batch_size=2, progress=False)
+    assert all(0.2 <= v <= 0.6 for v in info["levels"]) and info["levels"] == again["levels"]
+    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "t" / f).read_bytes() for f in info["files"])
+
+    # a coarse VQ-VAE trained again makes other codes: sampling refuses rather than decode nonsense
+    path = coarse / "checkpoints" / "best.safetensors"
+    tensors, cmeta = load_checkpoint(path)
+    save_checkpoint(path, {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, cmeta)
+    with pytest.raises(CheckpointError, match="changed after the upsampler"):
+        sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
+
+
+def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
+    fine, _ = two_runs
+    other = _make_run(tmp_path / "other", 16, COARSE, size=2 * SIZE)
+    with pytest.raises(ConfigError, match="other slices.*size"):
+        prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
