@@ -143,3 +143,5 @@ def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
     other = _make_run(tmp_path / "other", 16, COARSE, size=2 * SIZE)
     with pytest.raises(ConfigError, match="other slices.*size"):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
+    with pytest.raises(ConfigError, match="not coarser"):
+        prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(fine))

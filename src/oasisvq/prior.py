@@ -336,6 +336,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                 raise CheckpointError(f"{last_path}: the coarse run's VQ-VAE changed since this upsampler was "
                                       "started; train a new one with --overwrite")
             cfg.coarse_codes = coarse_meta["coarse_num_codes"]
+            if coarse_meta["coarse_grid"][0] >= codes["train.codes"].shape[1]:
+                raise ConfigError(f"{cfg.coarse_run}: its {tuple(coarse_meta['coarse_grid'])} code grid is not coarser "
+                                  f"than this run's {tuple(codes['train.codes'].shape[1:])}")
         if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
             known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
             cfg.num_classes = LEVEL_CLASSES if known else 0
