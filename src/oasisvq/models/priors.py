@@ -503,47 +503,16 @@ def masked_count(step: int, steps: int, length: int) -> int:
     return max(0, min(math.floor(length * mask_ratio(step / steps)), length - step))
 
 
-class MaskGITPrior(Prior):
-    def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
-                 heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1,
-                 decode_steps: int = 12):
-        super().__init__()
-        self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
-        self.cond_dropout, self.decode_steps = cond_dropout, decode_steps
-        self.mask_id = num_codes
-        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
-        self.row = nn.Embedding(grid[0], width)
-        self.col = nn.Embedding(grid[1], width)
-        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_codes)  # real codes only: [MASK] is never a prediction
-        _gpt_init(self, layers)
+class MaskedPrior(Prior):
+    """What the masked-code priors share: the loss on masked codes and confidence-ordered parallel decoding.
+    A subclass builds ``tok`` (its last row is [MASK], ``mask_id``) and ``_run(seq, h, w, cond) -> logits
+    (N, h*w, K)``."""
 
-    @classmethod
-    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskGITPrior:
-        return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
-                   cfg.cond_dropout, cfg.decode_steps)
-
-    check_config = staticmethod(_check_heads)
-
-    def init_from_codebook(self, codebook: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 0.02)
+    mask_id: int
+    decode_steps: int = 12
 
     def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
-        if h > self.grid[0] or w > self.grid[1]:
-            raise ValueError(f"grid {h}x{w} is larger than the prior's {self.grid[0]}x{self.grid[1]}")
-        pos = (self.row.weight[:h, None] + self.col.weight[None, :w]).reshape(h * w, -1)
-        x = self.tok(seq) + pos
-        if self.cls is not None:
-            x = x + self.cls(cond)[:, None, :]
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+        raise NotImplementedError
 
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         n, h, w = indices.shape
@@ -595,6 +564,49 @@ class MaskGITPrior(Prior):
         return seq.view(n, h, w)
 
 
+class MaskGITPrior(MaskedPrior):
+    def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
+                 heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1,
+                 decode_steps: int = 12):
+        super().__init__()
+        self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
+        self.cond_dropout, self.decode_steps = cond_dropout, decode_steps
+        self.mask_id = num_codes
+        self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
+        self.row = nn.Embedding(grid[0], width)
+        self.col = nn.Embedding(grid[1], width)
+        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_codes)  # real codes only: [MASK] is never a prediction
+        _gpt_init(self, layers)
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskGITPrior:
+        return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
+                   cfg.cond_dropout, cfg.decode_steps)
+
+    check_config = staticmethod(_check_heads)
+
+    def init_from_codebook(self, codebook: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 0.02)
+
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
+        if h > self.grid[0] or w > self.grid[1]:
+            raise ValueError(f"grid {h}x{w} is larger than the prior's {self.grid[0]}x{self.grid[1]}")
+        pos = (self.row.weight[:h, None] + self.col.weight[None, :w]).reshape(h * w, -1)
+        x = self.tok(seq) + pos
+        if self.cls is not None:
+            x = x + self.cls(cond)[:, None, :]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
 # --------------------------------------------------------------------------------------------------
 # Upsampler: the fine codes of one run given the coarse codes of another run of the same slices (a
 # two-level code as in VQ-VAE-2, Razavi et al. 2019, with the levels in two tokenisers). The coarse
@@ -616,13 +628,13 @@ class _DilatedBlock(nn.Module):
         return x + self.block(x)
 
 
-class UpsamplerPrior(MaskGITPrior):
+class UpsamplerPrior(MaskedPrior):
     """MaskGIT decoding over a fine code grid; ``cond`` is the coarse code grid (N, h/s, w/s) of the same
     slices (s = 2 for a 16x16 grid under a 32x32 one), not a class."""
 
     def __init__(self, num_codes: int, coarse_codes: int, width: int = 128, layers: int = 6,
                  dropout: float = 0.0, decode_steps: int = 12):
-        nn.Module.__init__(self)  # MaskGIT's transformer layers are not built
+        super().__init__()
         self.num_codes, self.coarse_codes, self.num_classes = num_codes, coarse_codes, 0
         self.cond_dropout, self.decode_steps, self.mask_id = 0.0, decode_steps, num_codes
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
