@@ -39,11 +39,12 @@ def _slices(n_per_split=(12, 6, 6), seed=0) -> SliceSet:
     return SliceSet(imgs, index)
 
 
-def make_run(run_dir):
+def make_run(run_dir, downsample: int = 8, num_codes: int = 16, size: int = SIZE):
     """A run folder with a (random-weight) tiny VQ-VAE checkpoint in the format training.py writes."""
-    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=SIZE),
-                    model=ModelConfig(downsample=8, channels=(8, 8, 8), hidden=8, res_blocks=1, num_codes=16,
-                                      code_dim=4))
+    stages = downsample.bit_length() - 1
+    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=size),
+                    model=ModelConfig(downsample=downsample, channels=(8,) * stages, hidden=8, res_blocks=1,
+                                      num_codes=num_codes, code_dim=4))
     torch.manual_seed(0)
     model = VQVAE(cfg.model)
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -8,12 +8,10 @@ import torch
 from oasisvq import prior, sampling
 from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.cli import main
-from oasisvq.config import DataConfig, ModelConfig, RunConfig
 from oasisvq.errors import CheckpointError, ConfigError
-from oasisvq.models import VQVAE
 from oasisvq.models.priors import PriorConfig, build_prior
 
-from .test_sampling import SIZE, TINY, _slices
+from .test_sampling import SIZE, TINY, _slices, make_run
 
 FINE, COARSE = 16, 8  # codebook sizes
 
@@ -87,25 +85,11 @@ def test_tiny_upsampler_learns_fine_codes_from_coarse_ones(one_thread):
     assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
 
 
-def _make_run(run_dir, downsample: int, num_codes: int, size: int = SIZE):
-    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=size),
-                    model=ModelConfig(downsample=downsample, channels=(8,) * {8: 3, 16: 4}[downsample], hidden=8,
-                                      res_blocks=1, num_codes=num_codes, code_dim=4))
-    torch.manual_seed(downsample)
-    tensors = {f"model.{k}": v for k, v in VQVAE(cfg.model).state_dict().items()}
-    (run_dir / "checkpoints").mkdir(parents=True)
-    cfg.save(run_dir / "config.json")
-    for name in ("best", "last"):
-        save_checkpoint(run_dir / "checkpoints" / f"{name}.safetensors", tensors,
-                        {"kind": "vqvae", "config": cfg.to_dict()})
-    return run_dir
-
-
 @pytest.fixture()
 def two_runs(tmp_path, monkeypatch):
     data = _slices()
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
-    return _make_run(tmp_path / "fine", 8, FINE), _make_run(tmp_path / "coarse", 16, COARSE)
+    return make_run(tmp_path / "fine", 8, FINE), make_run(tmp_path / "coarse", 16, COARSE)
 
 
 def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_runs, tmp_path, monkeypatch):
@@ -140,7 +124,7 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
 
 def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
     fine, _ = two_runs
-    other = _make_run(tmp_path / "other", 16, COARSE, size=2 * SIZE)
+    other = make_run(tmp_path / "other", 16, COARSE, size=2 * SIZE)
     with pytest.raises(ConfigError, match="other slices.*size"):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
     with pytest.raises(ConfigError, match="not coarser"):
