@@ -106,6 +106,7 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     assert meta["prior_config"]["coarse_run"] == str(coarse.resolve())
     assert meta["prior_config"]["coarse_codes"] == COARSE and meta["coarse_grid"] == [2, 2] and meta["grid"] == [4, 4]
     assert meta["coarse_vqvae"] == prior.fingerprint(coarse) and meta["prior_config"]["decode_steps"] == 32
+    assert meta["prior_config"]["width"] == 16 and meta["prior_config"]["layers"] == 2  # given ones win
 
     info = sampling.sample(fine, "upsampler", n=5, out=tmp_path / "s", level=(0.2, 0.6), seed=1, steps=3,
                            batch_size=2, progress=False)

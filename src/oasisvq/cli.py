@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--kind", default="maskgit", choices=list(PRIOR_KINDS))
     _opt_budget(tp, "total epochs (default 10, or no limit with --max-minutes; --resume: the saved total)",
                 "time budget of this call in minutes")
-    tp.add_argument("--layers", type=_positive_int)
-    tp.add_argument("--width", type=_positive_int, help="embedding size / channels")
+    tp.add_argument("--layers", type=_positive_int, help="layers / blocks (default 4; upsampler 6)")
+    tp.add_argument("--width", type=_positive_int, help="embedding size / channels (default 128; upsampler 64)")
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
     tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, odd)")
     tp.add_argument("--num-classes", type=int, help="condition on the slice position cut into this many classes")
