@@ -8,6 +8,7 @@ import torch
 from oasisvq import prior, sampling
 from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.cli import main
+from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
 from oasisvq.models.priors import PriorConfig, build_prior
 
@@ -121,6 +122,18 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     save_checkpoint(path, {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, cmeta)
     with pytest.raises(CheckpointError, match="changed after the upsampler"):
         sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
+
+
+def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):
+    data = _slices()
+    data = SliceSet(data.images, dict(data.index, positions=[float("nan")] * len(data)))  # PNG sets without levels
+    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
+    fine, coarse = two_runs
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(coarse), width=16, layers=2,
+                      batch_size=4)
+    info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "s", steps=2, progress=False)
+    assert info["levels"] is None and len(info["files"]) == 2
 
 
 def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):

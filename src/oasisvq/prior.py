@@ -328,7 +328,8 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             if rank == 0:
                 training.barrier(world)
             for split in ("train", "validate"):
-                if not torch.equal(coarse[f"{split}.position"], codes[f"{split}.position"]):
+                a, b = coarse[f"{split}.position"], codes[f"{split}.position"]
+                if a.shape != b.shape or not torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)):  # NaN: no level
                     raise DataError(f"{cfg.coarse_run}: its {split} slices are not this run's; the upsampler needs "
                                     "both runs on the same slices")
                 codes[f"{split}.coarse"] = coarse[f"{split}.codes"]
