@@ -236,6 +236,9 @@ def coarse_codes(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, ca
     if differ:
         raise ConfigError(f"{coarse}: the coarse run reads other slices than this run (data {', '.join(differ)} "
                           "differ); train both tokenisers on the same data settings")
+    if coarse_cfg.model.downsample <= run_cfg.model.downsample:  # checked before any slow encoding
+        grid = lambda cfg: f"{cfg.data.size // cfg.model.downsample}^2"
+        raise ConfigError(f"{coarse}: its {grid(coarse_cfg)} code grid is not coarser than this run's {grid(run_cfg)}")
     fp = fingerprint(coarse)
     codes = cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
                          path=pdir / "coarse-codes.safetensors")
@@ -313,20 +316,20 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         if resume and saved.get("vqvae") != fp and rank == 0:
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=2)
+        def read_codes(show: bool):
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp)
+            return codes, (coarse_codes(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
+
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress, vqvae_fingerprint=fp)
+            codes, coarse = read_codes(progress)
         training.barrier(world)
         if rank > 0:
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, progress=False, vqvae_fingerprint=fp)
+            codes, coarse = read_codes(False)
         if len(codes["train.codes"]) == 0 or len(codes["validate.codes"]) == 0:
             raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
         coarse_meta: dict[str, Any] = {}
-        if cfg.kind == "upsampler":  # every rank reads the cache the coarse codes were written to above
-            if rank > 0:
-                training.barrier(world)
-            coarse, coarse_meta = coarse_codes(cfg, run_cfg, pdir, dev, cache_dir, progress and rank == 0)
-            if rank == 0:
-                training.barrier(world)
+        if coarse is not None:  # an upsampler: each slice's coarse codes become its condition
+            coarse, coarse_meta = coarse
             for split in ("train", "validate"):
                 a, b = coarse[f"{split}.position"], codes[f"{split}.position"]
                 if a.shape != b.shape or not torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)):  # NaN: no level
@@ -337,9 +340,6 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                 raise CheckpointError(f"{last_path}: the coarse run's VQ-VAE changed since this upsampler was "
                                       "started; train a new one with --overwrite")
             cfg.coarse_codes = coarse_meta["coarse_num_codes"]
-            if coarse_meta["coarse_grid"][0] >= codes["train.codes"].shape[1]:
-                raise ConfigError(f"{cfg.coarse_run}: its {tuple(coarse_meta['coarse_grid'])} code grid is not coarser "
-                                  f"than this run's {tuple(codes['train.codes'].shape[1:])}")
         if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
             known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
             cfg.num_classes = LEVEL_CLASSES if known else 0
