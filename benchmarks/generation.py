@@ -5,8 +5,8 @@ real-vs-real floor.
     python benchmarks/generation.py --data PATH --budgets 10 30 60 --out DIR
 
 With ``--budgets``, each row is ``oasisvq demo --data PATH --minutes M`` (the recipe the demo runs, scaled
-to a total budget of M minutes: data, tokeniser, prior, sampling and evaluation all inside it) in
-DIR/budget-M.
+to a total budget of M minutes: data, tokeniser(s), prior(s), sampling and evaluation all inside it) in
+DIR/budget-M; a two-level row's grid reads "16x16+64x64" and its minutes add both levels.
 
 Each RUN is a trained VQ-VAE (``oasisvq train``; its grid and training time are read from it). For every
 run: held-out reconstruction (``oasisvq evaluate``, whole slice and in the head, beside the down-f-up
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from oasisvq.checkpoint import load_checkpoint
-from oasisvq.demo import PRIOR, run_demo
+from oasisvq.demo import MARKER, PRIOR, run_demo
 from oasisvq.errors import OasisVQError
 from oasisvq.evaluation import evaluate, evaluate_sample_dir
 from oasisvq.evaluation.generation import FEATURES_VERSION
@@ -84,8 +84,16 @@ def _budget_rows(data: Path, budgets: list[float], out: Path, n: int, device: st
         rec = json.loads((folder / "run" / "eval-test" / "metrics.json").read_text())
         rep = json.loads((folder / "samples" / "samples_metrics.json").read_text())
         info = json.loads((folder / "samples" / "samples.json").read_text())
-        rows.append(_row(f"{data.name} {minutes:g} min", PRIOR, folder / "run", rec, rep,
-                         info["samples_per_second"], folder / "samples"))
+        recipe = json.loads((folder / MARKER).read_text())["recipe"]
+        row = _row(f"{data.name} {minutes:g} min", recipe["prior"], folder / "run", rec, rep,
+                   info["samples_per_second"], folder / "samples")
+        if recipe["two_level"]:  # both levels' training time; the layout run's grid first
+            layout = Path(recipe["layout_run"])
+            row["tok min"] += load_checkpoint(layout / "checkpoints" / "last.safetensors")[1]["elapsed_s"] / 60
+            layout_prior = load_checkpoint(prior_dir(layout, PRIOR) / "last.safetensors")[1]
+            row["prior min"] += layout_prior["elapsed_s"] / 60
+            row["grid"] = "{}x{}+".format(*layout_prior["grid"]) + row["grid"]
+        rows.append(row)
         print(f"budget {minutes:g} min: done ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     return rows
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from oasisvq.checkpoint import load_checkpoint
 from oasisvq.cli import main
 from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
 from oasisvq.data import load_slices
+from oasisvq.demo import run_demo
 from oasisvq.tokenizer import load_model, train
 
 from .conftest import load_benchmark
@@ -91,6 +93,42 @@ def test_budget_split_leaves_the_measured_overhead():
         vq, prior = budget_split(minutes)
         assert vq + prior + overhead == pytest.approx(minutes)
         assert vq / prior == pytest.approx(65 / 35)
+
+
+def test_two_level_split_follows_the_measured_run():
+    from oasisvq.demo import two_level_split
+
+    for minutes, overhead in ((1, 0.2), (60, 7.8)):
+        parts = two_level_split(minutes)
+        assert sum(parts) + overhead == pytest.approx(minutes)
+        assert parts[0] == pytest.approx(parts[3]) and parts[1] < parts[2] < parts[0]
+
+
+def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatch):
+    """The demo's two-level recipe (16x16 layout + 64x64 detail), and the budget benchmark's row of it."""
+    out = tmp_path / "budget-1"
+    r = run_demo(out, minutes=1.0, data=[str(demo / "data")], samples=16, two_level=True, progress=False)
+    info = json.loads((out / "demo.json").read_text())
+    assert info["recipe"] == {"two_level": True, "prior": "upsampler", "run": str(out / "run"),
+                              "layout_run": str(out / "layout-run")}
+    assert (out / "layout-run" / "prior-maskgit" / "best.safetensors").is_file()
+    assert (out / "run" / "prior-upsampler" / "best.safetensors").is_file()
+    m = json.loads((out / "run" / "eval-test" / "metrics.json").read_text())
+    assert m["code_grid"] == 64 and r["ssim"] == m["model"]["ssim"]["mean"]
+    s = json.loads((out / "samples" / "samples.json").read_text())
+    assert s["prior"] == "upsampler" and len(s["files"]) == 16 and s["levels"] is not None
+    assert all(Image.open(out / "samples" / f).size == (256, 256) for f in s["files"])
+    assert "prior-upsampler" in (out / "report" / "report.md").read_text()
+
+    bench = load_benchmark("generation")
+    monkeypatch.setattr(bench, "run_demo", lambda *a, **k: None)  # read the folder just written
+    (row,) = bench._budget_rows(demo / "data", [1], tmp_path, 16, "cpu")
+    assert row["grid"] == "16x16+64x64" and row["prior"] == "upsampler"
+    elapsed = lambda path: load_checkpoint(path)[1]["elapsed_s"] / 60
+    assert row["tok min"] == pytest.approx(elapsed(out / "run" / "checkpoints" / "last.safetensors") +
+                                           elapsed(out / "layout-run" / "checkpoints" / "last.safetensors"))
+    assert row["prior min"] == pytest.approx(elapsed(out / "run" / "prior-upsampler" / "last.safetensors") +
+                                             elapsed(out / "layout-run" / "prior-maskgit" / "last.safetensors"))
 
 
 def test_budget_benchmark_rows_read_a_demo_folder(demo):

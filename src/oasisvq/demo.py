@@ -11,6 +11,7 @@ unseen levels and deformations of one template, not to unseen subjects; the repo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -37,6 +38,9 @@ MARKER = "demo.json"
 # The recipe benchmarks/generation.py found best on a CPU budget (README, "Generation"): a 16x16 code grid
 # that a prior can lay out, and a level-conditioned MaskGIT prior.
 PRESET, GPU_PRESET, PRIOR = "cpu-f16", "gpu-f8", "maskgit"
+# From TWO_LEVEL_MINUTES on a CPU, the two-level code (README, "Two-level code"): the 16x16 run and its
+# MaskGIT lay the head out, a 64x64 run (FINE_PRESET) and an upsampler over its codes add the detail.
+FINE_PRESET, FINE_PRIOR, TWO_LEVEL_MINUTES = "cpu", "upsampler", 40.0
 
 
 def template_path() -> Path:
@@ -143,6 +147,16 @@ def budget_split(minutes: float) -> tuple[float, float]:
     return 0.65 * training, 0.35 * training
 
 
+def two_level_split(minutes: float) -> tuple[float, float, float, float]:
+    """Training minutes of the 16x16 tokeniser, its MaskGIT, the 64x64 tokeniser and the upsampler.
+
+    The shares are those of the measured 58-minute run (README: 17.6 / 9.1 / 14 / 17.3 minutes); the rest
+    (data, encoding both runs' codes, evaluation, sampling at about one slice per second, the report) is
+    given 3 minutes plus 8% of the budget (at most a fifth of it)."""
+    training = minutes - min(0.2 * minutes, 3 + 0.08 * minutes)
+    return 0.30 * training, 0.16 * training, 0.24 * training, 0.30 * training
+
+
 def _status(i: int, total: int, text: str) -> None:
     tqdm.write(f"[{i}/{total}] {text}")
 
@@ -159,8 +173,11 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list[str] | None = None,
              device: str = "auto", samples: int = 32, overwrite: bool = False, seed: int = 0,
-             progress: bool = True) -> dict:
-    """Data -> VQ-VAE -> held-out SSIM -> prior -> samples -> generation metrics -> report, in ``minutes``."""
+             progress: bool = True, two_level: bool | None = None) -> dict:
+    """Data -> VQ-VAE -> prior -> held-out SSIM -> samples -> generation metrics -> report, in ``minutes``.
+
+    ``two_level`` adds the detail stage (a 64x64 VQ-VAE and an upsampler over its codes, given the 16x16
+    codes); by default it is on for CPU budgets of ``TWO_LEVEL_MINUTES`` or more."""
     from .evaluation import evaluate, evaluate_sample_dir
     from .prior import train_prior
     from .report import machine_description, write_report
@@ -177,7 +194,10 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     dev = pick_device(device)
     started = time.time()
     timings: dict[str, float] = {}
-    total = 7
+    if two_level is None:
+        two_level = dev.type == "cpu" and minutes >= TWO_LEVEL_MINUTES
+    total = 9 if two_level else 7
+    step = iter(range(1, total + 1))
     info: dict = {"minutes": minutes, "device": str(dev), "seed": seed}
     atomic_write_text(out / MARKER, json.dumps(info, indent=2) + "\n")
 
@@ -185,29 +205,56 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     if data:
         paths = [str(p) for p in data]
         info["data"] = {"kind": "user", "paths": paths}
-        _status(1, total, f"data: using {', '.join(paths)}")
+        _status(next(step), total, f"data: using {', '.join(paths)}")
     else:
         built = build_template_dataset(out / "data", seed=seed, progress=progress)
         paths = [str(out / "data")]
         info["data"] = {"kind": "mni152-template", "source": TEMPLATE_CITATION, **built}
-        _status(1, total, f"data: MNI152 template, {built['levels']} axial levels, augmented to "
+        _status(next(step), total, f"data: MNI152 template, {built['levels']} axial levels, augmented to "
                           f"{built['slices']['train']} train / {built['slices']['validate']} validate / "
                           f"{built['slices']['test']} test slices (held-out levels)")
     timings["data"] = time.time() - t
 
-    vq_minutes, prior_minutes = budget_split(minutes)
+    if two_level:
+        vq_minutes, prior_minutes, fine_minutes, upsampler_minutes = two_level_split(minutes)
+    else:
+        vq_minutes, prior_minutes = budget_split(minutes)
     cfg = RunConfig(data=DataConfig(paths=paths, seed=seed), model=model_preset(PRESET),
                     train=TrainConfig(epochs=0, max_minutes=vq_minutes, batch_size=16, device=str(dev), seed=seed,
                                       evals_per_epoch=2, val_slices=64, warmup_steps=10))
     if dev.type == "cuda":
         cfg.model = model_preset(GPU_PRESET)
         cfg.train.batch_size = 32
-    run = out / "run"
+    # `run` decodes the samples: the 16x16 run alone, or the 64x64 run under the coarse (layout) run
+    layout_run = out / ("layout-run" if two_level else "run")
+    run, kind = (out / "run", FINE_PRIOR) if two_level else (layout_run, PRIOR)
+    info["recipe"] = {"two_level": two_level, "prior": kind, "run": str(run), "layout_run": str(layout_run)}
     t = time.time()
-    _status(2, total, f"train VQ-VAE ({cfg.model.downsample}x: {cfg.data.size // cfg.model.downsample}^2 codes of "
-                      f"{cfg.model.num_codes}) for {vq_minutes:.1f} min on {dev}")
-    train(cfg, run, overwrite=True, cache_dir=out / "cache", progress=progress)
+    _status(next(step), total, f"train VQ-VAE ({cfg.model.downsample}x: {cfg.data.size // cfg.model.downsample}^2 "
+                               f"codes of {cfg.model.num_codes}) for {vq_minutes:.1f} min on {dev}")
+    train(cfg, layout_run, overwrite=True, cache_dir=out / "cache", progress=progress)
     timings["train_vqvae"] = time.time() - t
+
+    t = time.time()
+    _status(next(step), total, f"train {PRIOR} prior for {prior_minutes:.1f} min")
+    prior = train_prior(layout_run, PRIOR, epochs=1000, max_minutes=prior_minutes, device=str(dev),
+                        cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed)
+    timings["train_prior"] = time.time() - t
+    if two_level:
+        fine = dataclasses.replace(cfg, model=model_preset(FINE_PRESET),
+                                   train=dataclasses.replace(cfg.train, max_minutes=fine_minutes))
+        t = time.time()
+        _status(next(step), total, f"train the detail VQ-VAE ({fine.model.downsample}x: "
+                                   f"{cfg.data.size // fine.model.downsample}^2 codes) for {fine_minutes:.1f} min")
+        train(fine, run, overwrite=True, cache_dir=out / "cache", progress=progress)
+        timings["train_vqvae_fine"] = time.time() - t
+        t = time.time()
+        _status(next(step), total, f"train the {FINE_PRIOR} (detail codes given the layout codes) for "
+                                   f"{upsampler_minutes:.1f} min")
+        upsampler = train_prior(run, FINE_PRIOR, epochs=1000, max_minutes=upsampler_minutes, device=str(dev),
+                    cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed,
+                    coarse_run=str(layout_run), coarse_prior=PRIOR)
+        timings["train_upsampler"] = time.time() - t
 
     t = time.time()
     m = evaluate(run, split="test", cache_dir=out / "cache", device=str(dev), progress=progress)
@@ -215,36 +262,33 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     ssim_mean = m["model"]["ssim"]["mean"]
     verdict = "above" if ssim_mean > 0.6 else "NOT above"
     floor = next(k for k in m["floors"] if k.startswith("down"))
-    _status(3, total, f"evaluate: held-out SSIM {ssim_mean:.3f} ({verdict} 0.6), in-head "
+    _status(next(step), total, f"evaluate: held-out SSIM {ssim_mean:.3f} ({verdict} 0.6), in-head "
                       f"{m['model']['ssim_head']['mean']:.3f}; {floor} floor {m['floors'][floor]['ssim']['mean']:.3f}")
-
-    t = time.time()
-    _status(4, total, f"train {PRIOR} prior for {prior_minutes:.1f} min")
-    prior = train_prior(run, PRIOR, epochs=1000, max_minutes=prior_minutes, device=str(dev),
-                        cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed)
-    timings["train_prior"] = time.time() - t
 
     t = time.time()
     # At the held-out test levels (the template's), so samples and the real slices they are measured
     # against show the same part of the head.
     levels = info["data"].get("test_level_range") if prior["num_classes"] else None
-    s = sample(run, PRIOR, n=samples, out=out / "samples", seed=seed, level=levels, device=str(dev),
+    s = sample(run, kind, n=samples, out=out / "samples", seed=seed, level=levels, device=str(dev),
                progress=progress)
     timings["sample"] = time.time() - t
-    _status(5, total, f"sample: {samples} new slices at {s.get('samples_per_second', float('nan')):.1f}/s")
+    _status(next(step), total, f"sample: {samples} new slices at {s.get('samples_per_second', float('nan')):.1f}/s")
 
     t = time.time()
     g = evaluate_sample_dir(run, out / "samples", split="test", cache_dir=out / "cache", device=str(dev),
                             progress=progress)
     timings["generation_metrics"] = time.time() - t
-    _status(6, total, "generation metrics: " + _headline_generation(g))
+    _status(next(step), total, "generation metrics: " + _headline_generation(g))
 
+    scalars = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
     info.update({"timings_s": timings, "total_s": time.time() - started, "machine": machine_description(dev),
-                 "prior": {k: v for k, v in prior.items() if isinstance(v, (int, float, str))}})
+                 "prior": scalars(prior)})
+    if two_level:
+        info["upsampler"] = scalars(upsampler)
     atomic_write_text(out / MARKER, json.dumps(info, indent=2, default=str) + "\n")
     t = time.time()
     html, md = write_report(run, out / "report", samples_dir=out / "samples", demo_info=info)
-    _status(7, total, f"report: {html}")
+    _status(next(step), total, f"report: {html}")
     result = {"report_html": str(html), "report_md": str(md), "ssim": ssim_mean,
               "ssim_head": m["model"]["ssim_head"]["mean"], "ssim_above_0.6": ssim_mean > 0.6,
               "floor_ssim": m["floors"][floor]["ssim"]["mean"], "minutes": (time.time() - started) / 60}
