@@ -118,7 +118,7 @@ def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatc
     s = json.loads((out / "samples" / "samples.json").read_text())
     assert s["prior"] == "upsampler" and len(s["files"]) == 16 and s["levels"] is not None
     assert all(Image.open(out / "samples" / f).size == (256, 256) for f in s["files"])
-    assert "prior-upsampler" in (out / "report" / "report.md").read_text()
+    assert "whose maskgit prior draws the layout" in (out / "report" / "report.md").read_text()
 
     bench = load_benchmark("generation")
     monkeypatch.setattr(bench, "run_demo", lambda *a, **k: None)  # read the folder just written

@@ -10,7 +10,7 @@ from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.cli import main
 from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
-from oasisvq.models.priors import PriorConfig, build_prior
+from oasisvq.models.priors import MaskGITPrior, PriorConfig, build_prior
 
 from .test_sampling import SIZE, TINY, _slices, make_run
 
@@ -109,8 +109,15 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     assert meta["coarse_vqvae"] == prior.fingerprint(coarse) and meta["prior_config"]["decode_steps"] == 32
     assert meta["prior_config"]["width"] == 16 and meta["prior_config"]["layers"] == 2  # given ones win
 
+    layouts = []  # what the coarse prior draws, with and without the upsampler after it
+    draw = MaskGITPrior.sample
+    monkeypatch.setattr(MaskGITPrior, "sample", lambda *a, **kw: layouts.append(draw(*a, **kw)) or layouts[-1])
     info = sampling.sample(fine, "upsampler", n=5, out=tmp_path / "s", level=(0.2, 0.6), seed=1, steps=3,
                            batch_size=2, progress=False)
+    through_upsampler, layouts[:] = torch.cat(layouts), []
+    alone = sampling.sample(coarse, "maskgit", n=5, out=tmp_path / "c", level=(0.2, 0.6), seed=1, batch_size=2,
+                            progress=False)
+    assert torch.equal(torch.cat(layouts), through_upsampler) and alone["levels"] == info["levels"]  # paired
     again = sampling.sample(fine, "upsampler", n=5, out=tmp_path / "t", level=(0.2, 0.6), seed=1, steps=3,
                             batch_size=2, progress=False)
     assert all(0.2 <= v <= 0.6 for v in info["levels"]) and info["levels"] == again["levels"]

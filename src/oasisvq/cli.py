@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     # demo and report
     dm = sub.add_parser("demo", help="run the whole pipeline on embedded real MRI and write a report",
                         description="Prepare data (the MNI152 template shipped with nilearn, augmented; or --data), "
-                                    "train a small VQ-VAE, evaluate it, train a level-conditioned MaskGIT prior, sample new "
+                                    "train a small VQ-VAE, evaluate it, train a level-conditioned MaskGIT prior (from 40 "
+                                    "CPU-minutes also a 64x64 VQ-VAE and an upsampler over its codes), sample new "
                                     "slices, measure them and write an HTML + Markdown report.")
     dm.add_argument("--out", type=Path, default=Path("oasisvq-demo"), help="output folder (default: oasisvq-demo)")
     dm.add_argument("--minutes", type=_positive_float, default=10.0, help="compute budget in minutes (default 10)")

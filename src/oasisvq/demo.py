@@ -157,6 +157,11 @@ def two_level_split(minutes: float) -> tuple[float, float, float, float]:
     return 0.30 * training, 0.16 * training, 0.24 * training, 0.30 * training
 
 
+def floor_name(m: dict) -> str:
+    """The down-f-up floor's key in an evaluation's metrics (f: the run's downsampling)."""
+    return next(k for k in m["floors"] if k.startswith("down"))
+
+
 def _status(i: int, total: int, text: str) -> None:
     tqdm.write(f"[{i}/{total}] {text}")
 
@@ -225,45 +230,50 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     if dev.type == "cuda":
         cfg.model = model_preset(GPU_PRESET)
         cfg.train.batch_size = 32
-    # `run` decodes the samples: the 16x16 run alone, or the 64x64 run under the coarse (layout) run
+    # `run` decodes the samples: the 16x16 run alone, or the 64x64 run under the 16x16 layout run
     layout_run = out / ("layout-run" if two_level else "run")
     run, kind = (out / "run", FINE_PRIOR) if two_level else (layout_run, PRIOR)
     info["recipe"] = {"two_level": two_level, "prior": kind, "run": str(run), "layout_run": str(layout_run)}
-    t = time.time()
-    _status(next(step), total, f"train VQ-VAE ({cfg.model.downsample}x: {cfg.data.size // cfg.model.downsample}^2 "
-                               f"codes of {cfg.model.num_codes}) for {vq_minutes:.1f} min on {dev}")
-    train(cfg, layout_run, overwrite=True, cache_dir=out / "cache", progress=progress)
-    timings["train_vqvae"] = time.time() - t
 
-    t = time.time()
-    _status(next(step), total, f"train {PRIOR} prior for {prior_minutes:.1f} min")
-    prior = train_prior(layout_run, PRIOR, epochs=1000, max_minutes=prior_minutes, device=str(dev),
-                        cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed)
-    timings["train_prior"] = time.time() - t
+    def train_tokeniser(c: RunConfig, folder: Path, key: str) -> None:
+        t = time.time()
+        _status(next(step), total, f"train VQ-VAE ({c.model.downsample}x: {c.data.size // c.model.downsample}^2 codes "
+                                   f"of {c.model.num_codes}) for {c.train.max_minutes:.1f} min on {dev}")
+        train(c, folder, overwrite=True, cache_dir=out / "cache", progress=progress)
+        timings[key] = time.time() - t
+
+    def train_a_prior(folder: Path, prior_kind: str, budget: float, key: str, **options) -> dict:
+        t = time.time()
+        _status(next(step), total, f"train {prior_kind} prior for {budget:.1f} min")
+        r = train_prior(folder, prior_kind, epochs=1000, max_minutes=budget, device=str(dev), cache_dir=out / "cache",
+                        progress=progress, batch_size=16, seed=seed, **options)
+        timings[key] = time.time() - t
+        return r
+
+    def evaluate_run() -> dict:  # the run that decodes the samples, once it is trained
+        t = time.time()
+        m = evaluate(run, split="test", cache_dir=out / "cache", device=str(dev), progress=progress)
+        timings["evaluate"] = time.time() - t
+        verdict = "above" if m["model"]["ssim"]["mean"] > 0.6 else "NOT above"
+        name = floor_name(m)
+        _status(next(step), total, f"evaluate: held-out SSIM {m['model']['ssim']['mean']:.3f} ({verdict} 0.6), "
+                                   f"in-head {m['model']['ssim_head']['mean']:.3f}; {name} floor "
+                                   f"{m['floors'][name]['ssim']['mean']:.3f}")
+        return m
+
+    train_tokeniser(cfg, layout_run, "train_vqvae")
     if two_level:
+        prior = train_a_prior(layout_run, PRIOR, prior_minutes, "train_prior")
         fine = dataclasses.replace(cfg, model=model_preset(FINE_PRESET),
                                    train=dataclasses.replace(cfg.train, max_minutes=fine_minutes))
-        t = time.time()
-        _status(next(step), total, f"train the detail VQ-VAE ({fine.model.downsample}x: "
-                                   f"{cfg.data.size // fine.model.downsample}^2 codes) for {fine_minutes:.1f} min")
-        train(fine, run, overwrite=True, cache_dir=out / "cache", progress=progress)
-        timings["train_vqvae_fine"] = time.time() - t
-        t = time.time()
-        _status(next(step), total, f"train the {FINE_PRIOR} (detail codes given the layout codes) for "
-                                   f"{upsampler_minutes:.1f} min")
-        upsampler = train_prior(run, FINE_PRIOR, epochs=1000, max_minutes=upsampler_minutes, device=str(dev),
-                    cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed,
-                    coarse_run=str(layout_run), coarse_prior=PRIOR)
-        timings["train_upsampler"] = time.time() - t
-
-    t = time.time()
-    m = evaluate(run, split="test", cache_dir=out / "cache", device=str(dev), progress=progress)
-    timings["evaluate"] = time.time() - t
-    ssim_mean = m["model"]["ssim"]["mean"]
-    verdict = "above" if ssim_mean > 0.6 else "NOT above"
-    floor = next(k for k in m["floors"] if k.startswith("down"))
-    _status(next(step), total, f"evaluate: held-out SSIM {ssim_mean:.3f} ({verdict} 0.6), in-head "
-                      f"{m['model']['ssim_head']['mean']:.3f}; {floor} floor {m['floors'][floor]['ssim']['mean']:.3f}")
+        train_tokeniser(fine, run, "train_vqvae_fine")
+        m = evaluate_run()
+        upsampler = train_a_prior(run, FINE_PRIOR, upsampler_minutes, "train_upsampler",
+                                  coarse_run=str(layout_run), coarse_prior=PRIOR)
+    else:
+        m = evaluate_run()
+        prior = train_a_prior(layout_run, PRIOR, prior_minutes, "train_prior")
+    ssim_mean, floor = m["model"]["ssim"]["mean"], floor_name(m)
 
     t = time.time()
     # At the held-out test levels (the template's), so samples and the real slices they are measured

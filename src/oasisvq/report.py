@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_checkpoint
 from .config import RunConfig
 from .errors import CheckpointError, OasisVQError
 from .evaluation.generation import uses_oasis
@@ -174,6 +174,11 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
             vals = [float(x["val_bits"]) for x in r if x.get("val_bits") not in (None, "")]
             rows.append([pdir.name[6:], len(r), min(vals) if vals else float("nan")])
             d.figure(pdir / "curve.png", f"{pdir.name}: bits per code on train and validation grids.")
+        if pdir.name == "prior-upsampler" and (pdir / "last.safetensors").is_file():
+            pcfg = load_checkpoint(pdir / "last.safetensors")[1]["prior_config"]
+            d.p(f"Two levels: the upsampler learns this run's codes given the coarser codes of the same slices "
+                f"from {pcfg['coarse_run']}, whose {pcfg['coarse_prior']} prior draws the layout (and takes the "
+                "level) when sampling.")
     if rows:
         d.table(["prior", "evaluations", "best validation bits per code"], rows)
         d.p("Bits per code: the negative log-likelihood for autoregressive priors (transformer, PixelCNN), the "

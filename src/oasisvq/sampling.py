@@ -20,6 +20,7 @@ from .errors import CheckpointError, ConfigError
 from .prior import fingerprint, load_prior, open_run, prior_dir
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DETAIL_SEED = 0x5EED_DE7A  # the upsampler's random stream: seed XOR this
 
 
 def _png_bytes(img: np.ndarray) -> bytes:
@@ -53,7 +54,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     each slice's level uniformly from ``level`` (a number, or a (low, high) range within [0, 1]), or takes
     the level class ``cond``; with neither, classes follow their training frequencies. ``guidance`` is the
     classifier-free guidance weight (0: unconditional, 1: plain conditional, > 1: stronger). ``steps`` sets
-    the decoding passes of a masked (MaskGIT) prior.
+    the decoding passes of a masked (MaskGIT) prior; for the upsampler, its own passes (the coarse prior
+    keeps its default), and the coarse layouts equal the coarse prior's own samples for the same seed.
     """
     from .training import pick_device
 
@@ -107,6 +109,9 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         extra["steps"] = steps
 
     gen = torch.Generator(device=dev).manual_seed(seed)
+    # The upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarse
+    # prior alone draws with the same seed and batch size: the two compare sample by sample.
+    detail_gen = torch.Generator(device=dev).manual_seed(seed ^ DETAIL_SEED)
     conds = levels = None
     if k_cls:
         if level is not None:
@@ -129,10 +134,10 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             c = None if conds is None else conds[b:b + m]
             if coarse_model is None:
                 idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra)
-            else:
+            else:  # the coarse prior decodes in its own passes; `steps` are the upsampler's
                 top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
-                                          guidance=guidance, **extra)
-                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=top, **extra)
+                                          guidance=guidance)
+                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=top, **extra)
             img = vq.decode_indices(idx)[:, 0].float().mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
             images.append(img)
             bar.update(m)
