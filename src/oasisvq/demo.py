@@ -179,7 +179,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list[str] | None = None,
              device: str = "auto", samples: int = 32, overwrite: bool = False, seed: int = 0,
              progress: bool = True, two_level: bool | None = None) -> dict:
-    """Data -> VQ-VAE -> prior -> held-out SSIM -> samples -> generation metrics -> report, in ``minutes``.
+    """Data -> VQ-VAE -> held-out SSIM -> prior -> samples -> generation metrics -> report, in ``minutes``.
 
     ``two_level`` adds the detail stage (a 64x64 VQ-VAE and an upsampler over its codes, given the 16x16
     codes); by default it is on for CPU budgets of ``TWO_LEVEL_MINUTES`` or more."""
@@ -216,8 +216,8 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
         paths = [str(out / "data")]
         info["data"] = {"kind": "mni152-template", "source": TEMPLATE_CITATION, **built}
         _status(next(step), total, f"data: MNI152 template, {built['levels']} axial levels, augmented to "
-                          f"{built['slices']['train']} train / {built['slices']['validate']} validate / "
-                          f"{built['slices']['test']} test slices (held-out levels)")
+                                   f"{built['slices']['train']} train / {built['slices']['validate']} validate / "
+                                   f"{built['slices']['test']} test slices (held-out levels)")
     timings["data"] = time.time() - t
 
     if two_level:
