@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--level", type=_level, help="level(s) to draw: 0.5, or a range 0.3:0.8 (conditional priors)")
     sp.add_argument("--guidance", type=float, default=1.0,
                     help="classifier-free guidance weight: 0 unconditional, 1 conditional (default), >1 stronger")
-    sp.add_argument("--steps", type=_positive_int, help="maskgit / upsampler: decoding passes (default: the prior's)")
+    sp.add_argument("--steps", type=_positive_int, help="maskgit / upsampler: decoding passes (default: the prior's; "
+                    "for the upsampler, its own: the layout prior keeps its default)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
     _opt_checkpoint(sp, paths=False)
     _add_run_options(sp)
