@@ -107,7 +107,7 @@ def test_two_level_split_follows_the_measured_run():
 def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatch):
     """The demo's two-level recipe (16x16 layout + 64x64 detail), and the budget benchmark's row of it."""
     out = tmp_path / "budget-1"
-    r = run_demo(out, minutes=1.0, data=[str(demo / "data")], samples=16, two_level=True, progress=False)
+    r = run_demo(out, minutes=0.6, data=[str(demo / "data")], samples=16, two_level=True, progress=False)
     info = json.loads((out / "demo.json").read_text())
     assert info["recipe"] == {"two_level": True, "prior": "upsampler", "run": str(out / "run"),
                               "layout_run": str(out / "layout-run")}
