@@ -49,7 +49,7 @@ class PriorConfig:
     max_minutes: float = 0.0  # > 0: stop training after this much wall-clock time
     seed: int = 0
     kernel: int = 5  # PixelCNN only: kernel width (odd)
-    decode_steps: int = 12  # MaskGIT only: parallel decoding passes per sample
+    decode_steps: int = 12  # MaskGIT and upsampler: parallel decoding passes per sample
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
     coarse_run: str = ""  # upsampler only: the run whose (coarser) codes condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
