@@ -250,3 +250,16 @@ def test_a_conditional_prior_of_the_previous_format_fails_with_one_line(run):
     save_checkpoint(path, tensors, meta)
     with pytest.raises(CheckpointError, match=r"oasisvq 0\.1\.0 \(prior format 1\).*--overwrite"):
         prior.load_prior(run, "transformer")
+
+
+def test_a_format_2_prior_still_loads_and_resumes(run, tmp_path):
+    """Format 3 changed only the upsampler; other priors of format 2 carry an unused coarse_codes field."""
+    prior.train_prior(run, "maskgit", epochs=1, progress=False, num_classes=3, **TINY)
+    for name in ("best", "last"):
+        path = run / "prior-maskgit" / f"{name}.safetensors"
+        tensors, meta = load_checkpoint(path)
+        save_checkpoint(path, tensors, dict(meta, prior_format=2, prior_config=dict(meta["prior_config"], coarse_codes=0)))
+    model, meta = prior.load_prior(run, "maskgit")
+    assert meta["prior_format"] == 2 and model.num_classes == 3
+    assert prior.train_prior(run, "maskgit", epochs=2, resume=True, progress=False)["step"] > 0
+    assert len(sampling.sample(run, "maskgit", n=2, out=tmp_path / "s", progress=False)["files"]) == 2

@@ -1,4 +1,4 @@
-"""The upsampler prior: fine codes of one run given the coarse codes of another run of the same slices."""
+"""The upsampler prior: fine codes of one run given another run's coarser reconstruction of the same slices."""
 
 from __future__ import annotations
 
@@ -14,75 +14,78 @@ from oasisvq.models.priors import MaskGITPrior, PriorConfig, build_prior
 
 from .test_sampling import SIZE, TINY, _slices, make_run
 
-FINE, COARSE = 16, 8  # codebook sizes
+FINE = 16  # fine codebook size
+PATCH = 2  # image pixels per fine code
 
 
 def _upsampler(**kw) -> torch.nn.Module:
-    cfg = PriorConfig(kind="upsampler", coarse_run="coarse", coarse_codes=COARSE, num_classes=0,
+    cfg = PriorConfig(kind="upsampler", coarse_run="coarse", patch=PATCH, num_classes=0,
                       **{"width": 32, "layers": 4, **kw})
     return build_prior(cfg, FINE, (8, 8))
 
 
 def _pairs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coarse 4x4 grids and fine 8x8 grids that are a fixed function of them: each coarse code c becomes the
-    2x2 block (c, c + 8; c + 8, c) of fine codes."""
-    coarse = torch.randint(0, COARSE, (n, 4, 4), generator=gen)
-    up = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)
-    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2
-    return up + COARSE * checker, coarse
+    """Fine 8x8 code grids and images (N, 1, 16, 16) uint8 in which each code's 2x2 pixels spell its four
+    bits (black or white): a map from image to codes that is exact and local, if the patches line up."""
+    fine = torch.randint(0, FINE, (n, 8, 8), generator=gen)
+    bits = (fine[..., None] >> torch.arange(4)) & 1  # (n, 8, 8, 4): the 2x2 pixels of each code, row by row
+    image = bits.view(n, 8, 8, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, 1, 16, 16)
+    return fine, (image * 255).to(torch.uint8)
 
 
-def test_logits_follow_the_coarse_code_above_each_fine_code():
+def test_logits_follow_the_coarse_image_under_each_fine_code():
     torch.manual_seed(0)
-    model = _upsampler(layers=1).eval()  # one block at dilation 1: reach of one fine code either way
+    model = _upsampler(layers=1).eval()  # the image's 3x3 conv and one block at dilation 1: two codes either way
     for p in model.blocks.parameters():
         torch.nn.init.normal_(p, std=0.1)  # leave the identity start, so the block mixes neighbours
-    gen = torch.Generator().manual_seed(0)
-    fine, coarse = _pairs(1, gen)
-    changed = coarse.clone()
-    changed[0, 0, 0] = (coarse[0, 0, 0] + 1) % COARSE  # covers fine rows/columns 0-1
+    fine, image = _pairs(1, torch.Generator().manual_seed(0))
+    changed = image.clone()
+    changed[0, 0, :4, :4] = 255 - changed[0, 0, :4, :4]  # the pixels of fine rows/columns 0-1
     with torch.no_grad():
-        diff = (model(fine, coarse) - model(fine, changed)).abs().amax(1)[0]
-    assert diff[:2, :2].min() > 0  # under the changed coarse code
-    assert diff[:3, :3].max() > 0 and diff[4:, :].max() == 0 and diff[:, 4:].max() == 0  # only nearby
+        diff = (model(fine, image) - model(fine, changed)).abs().amax(1)[0]
+    assert diff[:2, :2].min() > 0  # over the changed pixels
+    assert diff[:4, :4].max() > 0 and diff[4:, :].max() == 0 and diff[:, 4:].max() == 0  # only nearby
+    assert torch.allclose(model(fine, image), model(fine, image.float() / 255))  # uint8 or float in [0, 1]
 
 
 def test_decoding_fills_every_fine_code_and_is_reproducible():
     torch.manual_seed(0)
     model = _upsampler().eval()
-    _, coarse = _pairs(3, torch.Generator().manual_seed(1))
-    a = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=coarse, steps=5)
-    b = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=coarse, steps=5)
+    _, image = _pairs(3, torch.Generator().manual_seed(1))
+    a = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=image, steps=5)
+    b = model.sample(3, (8, 8), generator=torch.Generator().manual_seed(5), cond=image, steps=5)
     assert a.shape == (3, 8, 8) and torch.equal(a, b)
     assert int(a.min()) >= 0 and int(a.max()) < FINE
-    with pytest.raises(ValueError, match="coarse code grids"):
+    with pytest.raises(ValueError, match="coarse run's images"):
         model.sample(3, (8, 8), cond=None)
+    with pytest.raises(ValueError, match="coarse run's images"):
+        model.sample(3, (8, 8), cond=image[:, 0])
     with pytest.raises(ValueError, match="guidance"):
-        model.sample(3, (8, 8), cond=coarse, guidance=2.0)
-    with pytest.raises(ValueError, match="integer upscaling"):
-        model.sample(3, (6, 6), cond=coarse)
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        model.sample(3, (8, 8), cond=coarse + COARSE)
+        model.sample(3, (8, 8), cond=image, guidance=2.0)
+    with pytest.raises(ValueError, match="do not cover"):
+        model.sample(3, (6, 6), cond=image)
     with pytest.raises(ConfigError, match="coarse run"):
-        PriorConfig(kind="upsampler", coarse_codes=COARSE, num_classes=0).validate()
+        PriorConfig(kind="upsampler", patch=PATCH, num_classes=0).validate()
+    with pytest.raises(ConfigError, match="patch"):
+        PriorConfig(kind="upsampler", coarse_run="coarse", num_classes=0).validate()
     with pytest.raises(ConfigError, match="upsampler prior only"):
         PriorConfig(kind="maskgit", coarse_run="coarse").validate()
 
 
-def test_tiny_upsampler_learns_fine_codes_from_coarse_ones(one_thread):
+def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread):
     torch.manual_seed(0)
     model = _upsampler()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
-        fine, coarse = _pairs(16, gen)
-        loss = model.loss(fine, coarse)
+        fine, image = _pairs(16, gen)
+        loss = model.loss(fine, image)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    fine, coarse = _pairs(32, torch.Generator().manual_seed(99))
-    drawn = model.sample(32, (8, 8), generator=torch.Generator().manual_seed(0), cond=coarse, steps=4)
+    fine, image = _pairs(32, torch.Generator().manual_seed(99))
+    drawn = model.sample(32, (8, 8), generator=torch.Generator().manual_seed(0), cond=image, steps=4)
     assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
 
 
@@ -90,7 +93,7 @@ def test_tiny_upsampler_learns_fine_codes_from_coarse_ones(one_thread):
 def two_runs(tmp_path, monkeypatch):
     data = _slices()
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
-    return make_run(tmp_path / "fine", 8, FINE), make_run(tmp_path / "coarse", 16, COARSE)
+    return make_run(tmp_path / "fine", 8, FINE), make_run(tmp_path / "coarse", 16, 8)
 
 
 def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_runs, tmp_path, monkeypatch):
@@ -105,7 +108,7 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     meta = load_checkpoint(fine / "prior-upsampler" / "last.safetensors")[1]
     assert meta["step"] == 2 * 3 and 0 < meta["best_val_bits"] < 8
     assert meta["prior_config"]["coarse_run"] == str(coarse.resolve())
-    assert meta["prior_config"]["coarse_codes"] == COARSE and meta["coarse_grid"] == [2, 2] and meta["grid"] == [4, 4]
+    assert meta["prior_config"]["patch"] == 8 and meta["coarse_grid"] == [2, 2] and meta["grid"] == [4, 4]
     assert meta["coarse_vqvae"] == prior.fingerprint(coarse) and meta["prior_config"]["decode_steps"] == 32
     assert meta["prior_config"]["width"] == 16 and meta["prior_config"]["layers"] == 2  # given ones win
 
@@ -142,10 +145,17 @@ def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):
     info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "s", steps=2, progress=False)
     assert info["levels"] is None and len(info["files"]) == 2
 
+    # an upsampler of prior format 2 read coarse code ids: it cannot be loaded as one that reads images
+    path = fine / "prior-upsampler" / "best.safetensors"
+    tensors, meta = load_checkpoint(path)
+    save_checkpoint(path, tensors, dict(meta, prior_format=2))
+    with pytest.raises(CheckpointError, match="prior format 2.*train it again"):
+        sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
+
 
 def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
     fine, _ = two_runs
-    other = make_run(tmp_path / "other", 16, COARSE, size=2 * SIZE)
+    other = make_run(tmp_path / "other", 16, 8, size=2 * SIZE)
     with pytest.raises(ConfigError, match="other slices.*size"):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
     with pytest.raises(ConfigError, match="not coarser"):

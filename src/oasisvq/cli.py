@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train-prior", help="train a prior over a run's code grids", description=(
         "Encode the run's train/validate slices once (cached), train a MaskGIT, transformer or gated PixelCNN prior "
         "on the code grids; writes RUN/prior-<kind>/ (last/best.safetensors, metrics.csv, curve.png). The upsampler "
-        "(--kind upsampler --coarse COARSE_RUN) learns this run's codes given a coarser run's codes of the same "
-        "slices; sampling it draws the layout from the coarse run's prior first."))
+        "(--kind upsampler --coarse COARSE_RUN) learns this run's codes given a coarser run's reconstruction of the "
+        "same slices; sampling it draws the layout from the coarse run's prior first and decodes it."))
     _arg_run(tp, "run folder with a trained VQ-VAE")
     tp.add_argument("--kind", default="maskgit", choices=list(PRIOR_KINDS))
     _opt_budget(tp, "total epochs (default 10, or no limit with --max-minutes; --resume: the saved total)",

@@ -37,7 +37,8 @@ METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
 CODES_FILE = "codes.safetensors"
 WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 bits/code in a 130-step demo prior)
 # 2: conditional priors learn a null class for classifier-free guidance (embedding tables grew by one row).
-PRIOR_FORMAT = 2
+# 3: the upsampler reads the coarse run's reconstructions (format 2 read its code ids).
+PRIOR_FORMAT = 3
 LEVEL_CLASSES = 8  # level bins a prior conditions on by default, where every slice has a level
 
 
@@ -181,9 +182,9 @@ class PriorTask(training.Task):
         self.val_codes = val_codes[torch.from_numpy(val_pick)]
         self.train_cond = self.val_cond = None
         class_counts: list[int] = []
-        if "train.coarse" in codes:  # an upsampler: the condition is the coarse code grid of each slice
-            self.train_cond = codes["train.coarse"].long()
-            self.val_cond = codes["validate.coarse"][torch.from_numpy(val_pick)].long()
+        if "train.coarse" in codes:  # an upsampler: the condition is the coarse run's image of each slice
+            self.train_cond = codes["train.coarse"]
+            self.val_cond = codes["validate.coarse"][torch.from_numpy(val_pick)]
         elif cfg.num_classes:
             self.train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
             self.val_cond = position_classes(codes["validate.position"].numpy()[val_pick], cfg.num_classes)
@@ -223,10 +224,21 @@ class PriorTask(training.Task):
         _curve(rows, self.pdir / "curve.png", f"{self.name}: bits per code")
 
 
-def coarse_codes(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, cache_dir, progress: bool
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The coarse run's code grids of this run's train/validate slices (cached in ``pdir``), and what the
-    upsampler's metadata records of that run. Both runs must read the same slices in the same order."""
+@torch.no_grad()
+def coarse_image(vq, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """A coarse run's reconstruction (N, 1, H, W) uint8 of code grids (N, h, w): what an upsampler reads,
+    rounded to 8 bits in training and sampling alike."""
+    dev = next(vq.parameters()).device
+    out = [vq.decode_indices(codes[i:i + batch_size].long().to(dev)).clamp(0, 1).mul(255).round().to(torch.uint8)
+           for i in range(0, len(codes), batch_size)]
+    return torch.cat(out) if out else torch.zeros((0, 1, 1, 1), dtype=torch.uint8)
+
+
+def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, cache_dir, progress: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The coarse run's reconstructions of this run's train/validate slices (``{split}.images``; decoded
+    from its code grids, which are cached in ``pdir``), and what the upsampler's metadata records of that
+    run. Both runs must read the same slices in the same order."""
     coarse = Path(cfg.coarse_run)
     vq, coarse_cfg = open_run(coarse, device)
     same = lambda cfg, k: [str(Path(p).resolve()) for p in cfg.paths] if k == "paths" else getattr(cfg, k)
@@ -241,16 +253,26 @@ def coarse_codes(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, ca
     fp = fingerprint(coarse)
     codes = cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
                          path=pdir / "coarse-codes.safetensors")
-    return codes, {"coarse_vqvae": fp, "coarse_num_codes": vq.cfg.num_codes,
-                   "coarse_grid": list(codes["train.codes"].shape[1:])}
+    for split in ("train", "validate"):
+        codes[f"{split}.images"] = coarse_image(vq, codes[f"{split}.codes"]).cpu()
+    return codes, {"coarse_vqvae": fp, "coarse_grid": list(codes["train.codes"].shape[1:])}
 
 
 def _check_format(path: Path, meta: dict[str, Any]) -> None:
-    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class: say so in one line."""
-    if meta.get("prior_format", 1) < PRIOR_FORMAT and meta.get("prior_config", {}).get("num_classes"):
+    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class, and upsamplers before format 3
+    read coarse code ids: say so in one line."""
+    pcfg, fmt = meta.get("prior_config", {}), meta.get("prior_format", 1)
+    if (fmt < 2 and pcfg.get("num_classes")) or (fmt < 3 and pcfg.get("kind") == "upsampler"):
         raise CheckpointError(
-            f"{path}: a conditional prior written by oasisvq {meta.get('oasisvq_version', '0.1.0')} (prior format "
-            f"{meta.get('prior_format', 1)}); this oasisvq reads format {PRIOR_FORMAT}: train it again with --overwrite")
+            f"{path}: a {'conditional' if fmt < 2 else pcfg['kind']} prior written by oasisvq "
+            f"{meta.get('oasisvq_version', '0.1.0')} (prior format {fmt}); this oasisvq reads format {PRIOR_FORMAT}: "
+            "train it again with --overwrite")
+
+
+def saved_config(meta: dict[str, Any]) -> PriorConfig:
+    """The PriorConfig of a checkpoint's metadata. Format 2 wrote ``coarse_codes`` (0 but for the upsamplers
+    that _check_format refuses): dropped."""
+    return PriorConfig(**{k: v for k, v in meta["prior_config"].items() if k != "coarse_codes"})
 
 
 def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None = None,
@@ -261,7 +283,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
     seed, kernel, init_from_codebook, cond_dropout, decode_steps; for ``kind="upsampler"``: coarse_run, the
-    run whose coarser codes of the same slices condition it, and coarse_prior). Without ``num_classes`` the prior
+    run whose coarser reconstructions of the same slices condition it, and coarse_prior). Without ``num_classes`` the prior
     conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice has one, else on nothing.
     ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a
     resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
@@ -276,10 +298,10 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     run_dir = Path(run_dir)
     pdir = prior_dir(run_dir, kind)
-    if kind == "upsampler" and not resume:  # the coarse codes carry the level; their count comes later
+    if kind == "upsampler" and not resume:  # the coarse image carries the level; the patch size comes later
         # width 64, six blocks: the measured recipe (README). 32 passes: it fills 16x the codes of a 16x16 grid
         # (on the validation subject, 32 against 12 passes: the same two-sample accuracy, a little more recall)
-        options = {"num_classes": 0, "coarse_codes": 1, "decode_steps": 32, "width": 64, "layers": 6, **options}
+        options = {"num_classes": 0, "patch": 1, "decode_steps": 32, "width": 64, "layers": 6, **options}
         if options.get("coarse_run"):  # samples must find it from any working folder
             options["coarse_run"] = str(Path(options["coarse_run"]).resolve())
     if not resume:  # bad options fail before any slow encoding; the level classes are settled after it
@@ -306,7 +328,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                 raise CheckpointError(
                     f"{last_path}: this prior was trained on {saved.get('num_codes')} codes but the run's VQ-VAE "
                     f"now has {vq.cfg.num_codes}; train a new prior with --overwrite")
-            cfg = PriorConfig(**saved["prior_config"])
+            cfg = saved_config(saved)
             differ = [k for k, v in options.items() if getattr(cfg, k) != v]
             if differ:
                 raise ConfigError(f"{pdir}: --resume keeps the saved settings; these differ: {', '.join(differ)}")
@@ -317,7 +339,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                           stacklevel=2)
         def read_codes(show: bool):
             codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp)
-            return codes, (coarse_codes(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
+            return codes, (coarse_images(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
 
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
             codes, coarse = read_codes(progress)
@@ -327,18 +349,18 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         if len(codes["train.codes"]) == 0 or len(codes["validate.codes"]) == 0:
             raise DataError(f"{run_dir}: the train and validate splits must both hold slices")
         coarse_meta: dict[str, Any] = {}
-        if coarse is not None:  # an upsampler: each slice's coarse codes become its condition
+        if coarse is not None:  # an upsampler: the coarse run's image of each slice becomes its condition
             coarse, coarse_meta = coarse
             for split in ("train", "validate"):
                 a, b = coarse[f"{split}.position"], codes[f"{split}.position"]
                 if a.shape != b.shape or not torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)):  # NaN: no level
                     raise DataError(f"{cfg.coarse_run}: its {split} slices are not this run's; the upsampler needs "
                                     "both runs on the same slices")
-                codes[f"{split}.coarse"] = coarse[f"{split}.codes"]
+                codes[f"{split}.coarse"] = coarse[f"{split}.images"]
             if resume and saved.get("coarse_vqvae") != coarse_meta["coarse_vqvae"]:
                 raise CheckpointError(f"{last_path}: the coarse run's VQ-VAE changed since this upsampler was "
                                       "started; train a new one with --overwrite")
-            cfg.coarse_codes = coarse_meta["coarse_num_codes"]
+            cfg.patch = run_cfg.model.downsample
         if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
             known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
             cfg.num_classes = LEVEL_CLASSES if known else 0
@@ -366,7 +388,7 @@ def load_prior(run_dir: Path | str, kind: str = "maskgit", which: str = "best",
     if meta.get("kind") != "prior":
         raise CheckpointError(f"{path}: not a prior checkpoint")
     _check_format(path, meta)
-    model = build_prior(PriorConfig(**meta["prior_config"]), meta["num_codes"], tuple(meta["grid"]))
+    model = build_prior(saved_config(meta), meta["num_codes"], tuple(meta["grid"]))
     training.load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     dev = device if isinstance(device, torch.device) else training.pick_device(device)
     return model.to(dev).eval(), meta

@@ -176,9 +176,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
             d.figure(pdir / "curve.png", f"{pdir.name}: bits per code on train and validation grids.")
         if pdir.name == "prior-upsampler" and (pdir / "last.safetensors").is_file():
             pcfg = load_checkpoint(pdir / "last.safetensors")[1]["prior_config"]
-            d.p(f"Two levels: the upsampler learns this run's codes given the coarser codes of the same slices "
-                f"from {pcfg['coarse_run']}, whose {pcfg['coarse_prior']} prior draws the layout (and takes the "
-                "level) when sampling.")
+            d.p(f"Two levels: the upsampler learns this run's codes given the coarser reconstruction of the same "
+                f"slices by {pcfg['coarse_run']}, whose {pcfg['coarse_prior']} prior draws the layout (and takes "
+                "the level) when sampling.")
     if rows:
         d.table(["prior", "evaluations", "best validation bits per code"], rows)
         d.p("Bits per code: the negative log-likelihood for autoregressive priors (transformer, PixelCNN), the "

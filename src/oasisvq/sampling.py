@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError
-from .prior import fingerprint, load_prior, open_run, prior_dir
+from .prior import coarse_image, fingerprint, load_prior, open_run, prior_dir
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DETAIL_SEED = 0x5EED_DE7A  # the upsampler's random stream: seed XOR this
@@ -30,7 +30,8 @@ def _png_bytes(img: np.ndarray) -> bytes:
 
 
 def _coarse_prior(meta: dict[str, Any], which: str, dev: torch.device):
-    """The prior that samples an upsampler's coarse codes, checked against the codes it was trained on."""
+    """The prior that samples an upsampler's coarse codes and the VQ-VAE that decodes them, checked against
+    the one the upsampler was trained on."""
     pcfg = meta["prior_config"]
     coarse_run = Path(pcfg["coarse_run"])
     if fingerprint(coarse_run) != meta.get("coarse_vqvae"):
@@ -40,7 +41,7 @@ def _coarse_prior(meta: dict[str, Any], which: str, dev: torch.device):
     if cmeta.get("vqvae") != meta["coarse_vqvae"]:
         raise CheckpointError(f"{prior_dir(coarse_run, pcfg['coarse_prior'])}: this prior belongs to another "
                               f"VQ-VAE than the one the upsampler was trained on; train it again")
-    return model, cmeta
+    return model, cmeta, open_run(coarse_run, dev)[0]
 
 
 def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
@@ -89,7 +90,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             f"{vq.cfg.num_codes} codes on {vq_cfg.data.size}px slices; train the prior again")
     coarse_model = None
     if meta["prior_config"]["kind"] == "upsampler":  # the coarse prior draws the layout and takes the level
-        coarse_model, cond_meta = _coarse_prior(meta, which, dev)
+        coarse_model, cond_meta, coarse_vq = _coarse_prior(meta, which, dev)
     else:
         cond_meta = meta
     k_cls = cond_meta["prior_config"]["num_classes"]
@@ -137,7 +138,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             else:  # the coarse prior decodes in its own passes; `steps` are the upsampler's
                 top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
                                           guidance=guidance)
-                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=top, **extra)
+                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=coarse_image(coarse_vq, top),
+                                   **extra)
             img = vq.decode_indices(idx)[:, 0].float().mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
             images.append(img)
             bar.update(m)

@@ -1,5 +1,5 @@
 """Priors over VQ-VAE code grids: a gated PixelCNN, a decoder-only transformer, a MaskGIT, and an
-upsampler (fine codes given a coarser grid's codes of the same slice).
+upsampler (fine codes given a coarser run's reconstruction of the same slice).
 
 All read a grid of code indices ``(N, h, w)`` and share one interface:
 
@@ -10,7 +10,7 @@ All read a grid of code indices ``(N, h, w)`` and share one interface:
   the prior predicts (all of them for the autoregressive priors, the masked ones for MaskGIT);
 * ``sample(n, grid_hw, temperature=1.0, top_k=0, generator=None, cond=None, guidance=1.0) -> (n, h, w)``.
 
-The upsampler's ``cond`` is the coarse code grid (N, h/s, w/s). Conditional priors (``num_classes > 0``)
+The upsampler's ``cond`` is a coarser run's reconstruction of the slice (N, 1, H, W). Conditional priors (``num_classes > 0``)
 take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
 is a learned null class ("no class"). In training mode each grid's class is replaced by the null class
 with probability ``cond_dropout``, so one network learns both p(codes | class) and p(codes) and sampling
@@ -53,7 +53,7 @@ class PriorConfig:
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
     coarse_run: str = ""  # upsampler only: the run whose (coarser) codes condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
-    coarse_codes: int = 0  # upsampler only: the coarse run's codebook size (set when training starts)
+    patch: int = 0  # upsampler only: image pixels per side of one of the run's codes (set when training starts)
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -608,11 +608,15 @@ class MaskGITPrior(MaskedPrior):
 
 
 # --------------------------------------------------------------------------------------------------
-# Upsampler: the fine codes of one run given the coarse codes of another run of the same slices (a
+# Upsampler: the fine codes of one run given a coarser run's reconstruction of the same slice (a
 # two-level code as in VQ-VAE-2, Razavi et al. 2019, with the levels in two tokenisers). The coarse
-# prior draws the head's layout on its small grid; this one fills in the fine grid around it. Given the
-# coarse codes what is left is mostly local, so the network is convolutional (dilated residual blocks,
-# far cheaper per step than attention over every fine code) and decodes like MaskGIT.
+# prior draws the head's layout on its small grid, the coarse decoder turns it into a blurred image, and
+# this prior fills in the fine codes that sharpen it. It reads the blurred image, not the coarse code
+# ids: an image says directly how bright each fine code's patch is, where a code id is a label whose
+# meaning a small network must first learn (measured: with the ids, even real coarse codes gave mottled,
+# over-bright fine codes after 840 steps). What is left is mostly local, so the network is convolutional
+# (dilated residual blocks, far cheaper per step than attention over every fine code) and decodes like
+# MaskGIT.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -629,41 +633,40 @@ class _DilatedBlock(nn.Module):
 
 
 class UpsamplerPrior(MaskedPrior):
-    """MaskGIT decoding over a fine code grid; ``cond`` is the coarse code grid (N, h/s, w/s) of the same
-    slices (s = 2 for a 16x16 grid under a 32x32 one), not a class."""
+    """MaskGIT decoding over a fine code grid; ``cond`` is the coarse run's reconstruction of the same
+    slices, (N, 1, H, W) with H = ``patch`` x the grid's height: uint8, or float in [0, 1]. Not a class."""
 
-    def __init__(self, num_codes: int, coarse_codes: int, width: int = 128, layers: int = 6,
+    def __init__(self, num_codes: int, patch: int, width: int = 128, layers: int = 6,
                  dropout: float = 0.0, decode_steps: int = 12):
         super().__init__()
-        self.num_codes, self.coarse_codes, self.num_classes = num_codes, coarse_codes, 0
+        self.num_codes, self.patch, self.num_classes = num_codes, patch, 0
         self.cond_dropout, self.decode_steps, self.mask_id = 0.0, decode_steps, num_codes
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
-        self.coarse = nn.Embedding(coarse_codes, width)
+        # each fine code reads the patch x patch pixels it covers and those of its neighbours
+        self.image = nn.Conv2d(patch * patch, width, 3, padding=1)
         # dilations 1, 2, 4, 8, 1, 2, ...: six blocks see 18 codes either way, most of a 32x32 grid
         self.blocks = nn.Sequential(*(_DilatedBlock(width, 2 ** (i % 4), dropout) for i in range(layers)))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
     @classmethod
     def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> UpsamplerPrior:
-        return cls(num_codes, cfg.coarse_codes, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps)
+        return cls(num_codes, cfg.patch, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps)
 
     @staticmethod
     def check_config(cfg: PriorConfig) -> None:
         if not cfg.coarse_run:
-            raise ConfigError("the upsampler prior needs the coarse run whose codes condition it (coarse_run)")
-        if cfg.coarse_codes <= 0 or cfg.num_classes:
-            raise ConfigError("the upsampler prior needs prior.coarse_codes > 0 and no level classes "
-                              "(the coarse codes carry the level)")
+            raise ConfigError("the upsampler prior needs the coarse run whose reconstructions condition it (coarse_run)")
+        if cfg.patch <= 0 or cfg.num_classes:
+            raise ConfigError("the upsampler prior needs prior.patch > 0 (pixels per code) and no level classes "
+                              "(the coarse image carries the level)")
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
             self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 1.0)
 
     def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
-        if cond is None or cond.dim() != 3 or cond.shape[0] != n:
-            raise ValueError(f"the upsampler prior takes the coarse code grids (N={n}, h, w) as cond")
-        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.coarse_codes):
-            raise ValueError(f"coarse code indices must lie in [0, {self.coarse_codes})")
+        if cond is None or cond.dim() != 4 or cond.shape[:2] != (n, 1):
+            raise ValueError(f"the upsampler prior takes the coarse run's images (N={n}, 1, H, W) as cond")
 
     def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
                      ) -> tuple[torch.Tensor | None, bool]:
@@ -673,13 +676,14 @@ class UpsamplerPrior(MaskedPrior):
         return cond, False
 
     def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """Fine codes ``seq`` (N, h*w), [MASK] allowed, and coarse grids ``cond`` -> logits (N, h*w, K)."""
-        hc, wc = cond.shape[1:]
-        if h % hc or w % wc or h // hc != w // wc:
-            raise ValueError(f"a {h}x{w} fine grid is not an integer upscaling of the {hc}x{wc} coarse grid")
+        """Fine codes ``seq`` (N, h*w), [MASK] allowed, and coarse images ``cond`` -> logits (N, h*w, K)."""
+        if cond.shape[-2:] != (h * self.patch, w * self.patch):
+            raise ValueError(f"coarse images of {tuple(cond.shape[-2:])} pixels do not cover a {h}x{w} grid of "
+                             f"{self.patch}x{self.patch}-pixel codes")
+        img = cond.float() / 255 if cond.dtype == torch.uint8 else cond.float()
         n = seq.shape[0]
         x = self.tok(seq).view(n, h, w, -1).permute(0, 3, 1, 2)
-        x = x + F.interpolate(self.coarse(cond).permute(0, 3, 1, 2), scale_factor=h // hc, mode="nearest")
+        x = x + self.image(F.pixel_unshuffle(img, self.patch))
         return self.head(self.blocks(x)).flatten(2).transpose(1, 2)
 
 
