@@ -36,7 +36,7 @@ from ..errors import ConfigError
 
 @dataclass
 class PriorConfig:
-    kind: str = "transformer"  # a key of PRIOR_KINDS: transformer | pixelcnn | maskgit
+    kind: str = "transformer"  # a key of PRIOR_KINDS: transformer | pixelcnn | maskgit | upsampler
     layers: int = 4
     width: int = 128  # transformer / MaskGIT embedding size, PixelCNN channels
     heads: int = 4  # transformer and MaskGIT
@@ -51,7 +51,7 @@ class PriorConfig:
     kernel: int = 5  # PixelCNN only: kernel width (odd)
     decode_steps: int = 12  # MaskGIT and upsampler: parallel decoding passes per sample
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
-    coarse_run: str = ""  # upsampler only: the run whose (coarser) codes condition this prior
+    coarse_run: str = ""  # upsampler only: the run whose (coarser) reconstructions condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
     patch: int = 0  # upsampler only: image pixels per side of one of the run's codes (set when training starts)
 
