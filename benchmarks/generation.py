@@ -72,7 +72,7 @@ def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: f
         "recall": _pair(fid, "recall"), "density": _pair(fid, "density"),
         "coverage": _pair(fid, "coverage"), "Frechet": _pair(fid, "frechet", "{:.1f}"),
         "near-empty": f"{rep['empty']['samples_fraction']:.2f} [{rep['empty']['real_fraction']:.2f}]",
-        "copies": mem["copies"], "samples/s": samples_per_s,
+        "copies": f"{mem['copies']} [{mem['copy_fraction_floor'] * rep['n_samples']:.0f}]", "samples/s": samples_per_s,
         "conditional": meta["prior_config"]["num_classes"] > 0, "samples": str(out)}
 
 

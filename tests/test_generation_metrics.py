@@ -208,6 +208,14 @@ def test_copy_of_a_training_slice_is_flagged():
     assert report["copies"] == 0 and report["near_empty_not_counted"] == 1
 
 
+def test_copy_floor_counts_heldout_slices_that_match_training_slices():
+    real, train, samples = _phantoms(24, seed=3), _phantoms(40, seed=4), _phantoms(24, seed=5)
+    half_copied = torch.cat([train[:12], real[:12]])  # held-out slices, half of them training slices
+    floor = lambda held: evaluate_samples(samples, held, train)["memorisation"]["copy_fraction_floor"]
+    assert floor(half_copied) == 0.5
+    assert floor(real) == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ anatomy
 
 

@@ -211,7 +211,8 @@ def cmd_evaluate_samples(a) -> int:
     print(f"  near-empty (head < {e['area_threshold']:.0%}) {e['samples_fraction']:.1%} [real {e['real_fraction']:.1%}]")
     print(f"  pairwise SSIM {d['samples_pairwise_ssim']:.4f} [real {d['real_pairwise_ssim']:.4f}]")
     print(f"  nearest-train SSIM mean {mem['nearest_train_ssim']['mean']:.4f} max {mem['nearest_train_ssim']['max']:.4f}"
-          f" [held-out {mem['heldout_nearest_train_ssim']['mean']:.4f}]; copies (> {mem['threshold']}): {mem['copies']}")
+          f" [held-out {mem['heldout_nearest_train_ssim']['mean']:.4f}]; copies (> {mem['threshold']}): {mem['copies']}"
+          f" ({mem['copy_fraction']:.1%}) [held-out {mem['copy_fraction_floor']:.1%}]")
     for q, v in m["anatomy"].items():
         print(f"  {q}: W1 {v['wasserstein']:.4f} [{v['floor_wasserstein']:.4f}]")
     lv = m["per_level"]

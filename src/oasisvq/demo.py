@@ -319,5 +319,5 @@ def _headline_generation(g: dict) -> str:
         parts.append(f"Frechet {both('frechet', '.1f')}")
     mem = g.get("memorisation", {})
     if "copies" in mem:
-        parts.append(f"{mem['copies']} near-copies of training slices")
+        parts.append(f"{mem['copies']} near-copies of training slices (real {mem['copy_fraction_floor']:.0%})")
     return ", ".join(parts) or json.dumps(g)[:200]

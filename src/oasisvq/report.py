@@ -229,7 +229,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
         if samples_dir and (samples_dir / "nearest_real.png").is_file():
             d.figure(samples_dir / "nearest_real.png", "Each sample beside its nearest held-out real slice in the "
                      "feature space (within the same level bin where levels are known).")
-        d.p(f"Near-copies of training slices (SSIM > {mem['threshold']}): {mem['copies']} of {gen['n_samples']}. "
+        floor_copies = mem.get("copy_fraction_floor")
+        held = "" if floor_copies is None else f" (held-out real slices of other subjects: {floor_copies:.1%})"
+        d.p(f"Near-copies of training slices (SSIM > {mem['threshold']}): {mem['copies']} of {gen['n_samples']}{held}. "
             f"Sampling speed: {_fmt(gen.get('samples_per_second') or float('nan'))} samples/s.")
 
     # -- timings
