@@ -285,15 +285,3 @@ def test_dropout_acts_on_residual_branches_not_on_attention_weights():
     assert not torch.equal(block(x), block(x))  # the block drops its branches
     block.eval()
     assert torch.equal(block(x), block(x))
-
-
-def test_prior_learning_rate_warms_up_holds_then_decays_to_zero_at_the_budget():
-    from oasisvq.prior import DECAY_SHARE, WARMUP_STEPS, prior_lr
-
-    base = 1e-3
-    assert prior_lr(base, 0, 0.0) == pytest.approx(base / WARMUP_STEPS)
-    assert prior_lr(base, WARMUP_STEPS, 0.1) == pytest.approx(base)
-    assert prior_lr(base, 10_000, 1 - DECAY_SHARE) == pytest.approx(base)  # constant until the decay starts
-    assert prior_lr(base, 10_000, 1 - DECAY_SHARE / 2) == pytest.approx(base / 2)
-    assert prior_lr(base, 10_000, 1.0) == 0.0
-    assert prior_lr(base, 10_000, 1.3) == 0.0  # a budget overrun never turns the rate negative

@@ -160,27 +160,3 @@ def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
     with pytest.raises(ConfigError, match="not coarser"):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(fine))
-
-
-def test_mirror_trains_on_the_codes_of_mirrored_training_slices_too(two_runs, monkeypatch):
-    data = _slices()
-    images = data.images.copy()
-    images[:, 1:9, 8:24] = 255  # a bright band on one side: the phantoms are symmetric
-    data = SliceSet(images, data.index)
-    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
-    fine, coarse = two_runs
-    res = prior.train_prior(coarse, "maskgit", epochs=1, progress=False, mirror=True, **TINY)
-    assert res["step"] == 2 * 3  # 12 training grids and their 12 mirror images, batch 4
-    vq, _ = prior.open_run(coarse, torch.device("cpu"))
-    train = data.split("train")
-    x = train.tensor(range(len(train)))
-    mirrored = vq.encode(x.flip(-2)).int()  # left-right runs down the rows in OASIS axial slices
-    assert not torch.equal(mirrored, vq.encode(x).int())  # else this test could not tell the two apart
-    codes = load_checkpoint(coarse / "prior-maskgit" / "codes.safetensors")[0]
-    assert torch.equal(codes["train.mirrored"], mirrored) and "validate.mirrored" not in codes
-
-    res = prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(coarse), mirror=True,
-                            width=16, layers=2, batch_size=4)
-    assert res["step"] == 2 * 3
-    assert torch.equal(load_checkpoint(fine / "prior-upsampler" / "coarse-codes.safetensors")[0]["train.mirrored"],
-                       mirrored)

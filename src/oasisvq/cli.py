@@ -166,7 +166,7 @@ def cmd_train_prior(a) -> int:
     from .prior import train_prior
 
     options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
-                                          "seed", "kernel", "cond_dropout", "decode_steps", "mirror")
+                                          "seed", "kernel", "cond_dropout", "decode_steps")
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
@@ -444,8 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)
     tp.add_argument("--no-codebook-init", action="store_true", help="random code embeddings")
-    tp.add_argument("--mirror", action=argparse.BooleanOptionalAction,
-                    help="also train on left-right mirrored training slices (their own codes; default off)")
     _opt_resume(tp, "RUN/prior-<kind>")
     _add_run_options(tp, cache=True)
     tp.set_defaults(func=cmd_train_prior)

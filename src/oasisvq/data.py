@@ -64,12 +64,6 @@ def subject_of(path: Path | str) -> str:
 # ----------------------------------------------------------------------------------------------- readers
 
 
-def mirror(x: torch.Tensor) -> torch.Tensor:
-    """Left-right mirror image of slices (..., H, W): in OASIS axial slices, as read here, left-right runs
-    down the rows (the head's front-back axis is horizontal)."""
-    return x.flip(-2)
-
-
 def fit_to_size(img: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
     """Centre-pad a 2D slice to size x size; one larger than that is padded square and resized down."""
     h, w = img.shape

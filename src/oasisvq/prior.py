@@ -30,14 +30,12 @@ from tqdm.auto import tqdm
 from . import training
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import DataConfig
-from .data import mirror
 from .errors import CheckpointError, ConfigError, DataError
 from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
 
 METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
 CODES_FILE = "codes.safetensors"
-WARMUP_STEPS = 20  # linear learning-rate warm-up (100 cost 0.45 bits/code in a 130-step demo prior)
-DECAY_SHARE = 0.2  # the last fifth of the budget decays the learning rate linearly to 0
+WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 bits/code in a 130-step demo prior)
 # 2: conditional priors learn a null class for classifier-free guidance (embedding tables grew by one row).
 # 3: the upsampler reads the coarse run's reconstructions (format 2 read its code ids).
 PRIOR_FORMAT = 3
@@ -86,29 +84,27 @@ def position_classes(position: np.ndarray, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_slices(model, slices, device: torch.device, batch_size: int = 64, progress: bool = True,
-                  desc: str = "encode", mirrored: bool = False) -> torch.Tensor:
-    """Code grids (N, h, w) int32 of every slice of a SliceSet (of its left-right mirror images if
-    ``mirrored``)."""
+                  desc: str = "encode") -> torch.Tensor:
+    """Code grids (N, h, w) int32 of every slice of a SliceSet."""
     out = []
     for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, leave=False):
-        x = slices.tensor(np.arange(i, min(i + batch_size, len(slices)))).to(device)
-        out.append(model.encode(mirror(x) if mirrored else x).to(torch.int32).cpu())
+        idx = np.arange(i, min(i + batch_size, len(slices)))
+        out.append(model.encode(slices.tensor(idx).to(device)).to(torch.int32).cpu())
     return torch.cat(out)
 
 
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
                  cache_dir: Path | str | None = None, progress: bool = True, vqvae_fingerprint: str = "",
-                 path: Path | None = None, mirrored: bool = False) -> dict[str, torch.Tensor]:
-    """Train/validate code grids and slice positions (and with ``mirrored``, ``train.mirrored``: the codes of
-    the training slices' mirror images), from ``path`` (default ``prior-<kind>/codes.safetensors``) if it
-    matches the run's current VQ-VAE (``vqvae_fingerprint``, hashed here if not given), else encoded now
-    and cached."""
+                 path: Path | None = None) -> dict[str, torch.Tensor]:
+    """Train/validate code grids and slice positions, from ``path`` (default
+    ``prior-<kind>/codes.safetensors``) if it matches the run's current VQ-VAE (``vqvae_fingerprint``,
+    hashed here if not given), else encoded now and cached."""
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
     if path.is_file():
         try:
             tensors, meta = load_checkpoint(path)
-            if meta.get("vqvae") == fp and meta.get("kind") == "codes" and (not mirrored or "train.mirrored" in tensors):
+            if meta.get("vqvae") == fp and meta.get("kind") == "codes":
                 return tensors
         except CheckpointError:
             pass  # damaged cache: rebuild it
@@ -118,9 +114,6 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
         part = slices.split(split)
         tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
         tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
-    if mirrored:
-        tensors["train.mirrored"] = encode_slices(model, slices.split("train"), device, progress=progress,
-                                                  desc="encode train, mirrored", mirrored=True)
     save_checkpoint(path, tensors, {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes})
     return tensors
 
@@ -172,14 +165,6 @@ class _PriorLoss(nn.Module):
         return {"loss": self.prior.loss(x, cond)}
 
 
-def prior_lr(base: float, step: int, progress: float) -> float:
-    """Warm-up, stable, decay: linear warm-up over WARMUP_STEPS, constant, then linear decay to 0 over the
-    last DECAY_SHARE of the budget (``progress`` in [0, 1]). Constant for most of the run, so a checkpoint
-    from before the decay extends seamlessly; the decay buys what a budget's end can give."""
-    warm = min(1.0, (step + 1) / WARMUP_STEPS)
-    return base * warm * min(1.0, max(0.0, 1.0 - progress) / DECAY_SHARE)
-
-
 class PriorTask(training.Task):
     best_key, higher_is_better = "val_bits", False
     metric_fields = METRIC_FIELDS
@@ -219,7 +204,7 @@ class PriorTask(training.Task):
         return x, None if self.train_cond is None else self.train_cond[idx].to(self.device)
 
     def lr(self, step: int, progress: float) -> float:
-        return prior_lr(self.cfg.lr, step, progress)
+        return self.cfg.lr * min(1.0, (step + 1) / WARMUP_STEPS)  # then constant: extending a run is seamless
 
     def validate(self) -> dict[str, Any]:
         return {"val_bits": bits_per_code(self.model, self.val_codes, self.val_cond, self.device, self.cfg.batch_size)}
@@ -267,11 +252,9 @@ def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, c
         raise ConfigError(f"{coarse}: its {grid(coarse_cfg)} code grid is not coarser than this run's {grid(run_cfg)}")
     fp = fingerprint(coarse)
     codes = cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
-                         path=pdir / "coarse-codes.safetensors", mirrored=cfg.mirror)
+                         path=pdir / "coarse-codes.safetensors")
     for split in ("train", "validate"):
         codes[f"{split}.images"] = coarse_image(vq, codes[f"{split}.codes"]).cpu()
-    if cfg.mirror:  # the coarse run's reconstruction of each mirrored slice, not the mirror of its reconstruction
-        codes["train.mirrored_images"] = coarse_image(vq, codes["train.mirrored"]).cpu()
     return codes, {"coarse_vqvae": fp, "coarse_grid": list(codes["train.codes"].shape[1:])}
 
 
@@ -355,8 +338,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=2)
         def read_codes(show: bool):
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp,
-                                 mirrored=cfg.mirror)
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp)
             return codes, (coarse_images(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
 
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache
@@ -379,11 +361,6 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
                 raise CheckpointError(f"{last_path}: the coarse run's VQ-VAE changed since this upsampler was "
                                       "started; train a new one with --overwrite")
             cfg.patch = run_cfg.model.downsample
-        if cfg.mirror:  # the mirrored training grids join the training set; validation stays as it is
-            codes["train.codes"] = torch.cat([codes["train.codes"], codes["train.mirrored"]])
-            codes["train.position"] = codes["train.position"].repeat(2)
-            if coarse is not None:
-                codes["train.coarse"] = torch.cat([codes["train.coarse"], coarse["train.mirrored_images"]])
         if not resume and "num_classes" not in options:  # condition on the level wherever every slice has one
             known = all(bool(torch.isfinite(codes[f"{s}.position"]).all()) for s in ("train", "validate"))
             cfg.num_classes = LEVEL_CLASSES if known else 0

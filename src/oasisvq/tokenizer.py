@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, remove_stale_temps
 from .config import RunConfig
-from .data import SliceSet, load_slices, mirror
+from .data import SliceSet, load_slices
 from .errors import CheckpointError, ConfigError
 from .metrics import reconstruction_metrics
 from .models import VQVAE
@@ -89,7 +89,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Left-right flips and mild gamma/contrast jitter (anatomy stays plausible)."""
     n = x.shape[0]
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)  # drawn on the CPU: the same on any device
-    x = torch.where(flip.view(n, 1, 1, 1), mirror(x), x)
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-2), x)
     gamma = torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.3).view(n, 1, 1, 1).to(x.device)
     return x.clamp(0, 1).pow(gamma)
 

@@ -54,7 +54,6 @@ class PriorConfig:
     coarse_run: str = ""  # upsampler only: the run whose (coarser) reconstructions condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
     patch: int = 0  # upsampler only: image pixels per side of one of the run's codes (set when training starts)
-    mirror: bool = False  # also train on the codes of left-right mirrored training slices (twice the grids)
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
