@@ -502,10 +502,9 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample
     # The floor: held-out slices of other subjects that would count as "copies" (faint vertex slices look
     # alike in every head); a seeded subset as large as the sample set, across all levels.
     probe = real[torch.from_numpy(np.sort(rng.choice(len(real), min(len(s), len(real)), replace=False)))]
-    held_score, _ = nearest_train_ssim(probe, real_train)
-    held_copies = (held_score.numpy() > copy_threshold) & (head_area(probe) >= EMPTY_AREA)
-    memo["heldout_nearest_train_ssim"] = summarize(held_score)  # what "not a copy" looks like
-    memo["copy_fraction_floor"] = float(held_copies.mean())
+    held = memorisation_report(probe, real_train, copy_threshold)
+    memo["heldout_nearest_train_ssim"] = held["nearest_train_ssim"]  # what "not a copy" looks like
+    memo["copy_fraction_floor"] = held["copy_fraction"]
     near_i, near_d = nearest_real(f_s, f_r, *((b_s, b_r) if skip is None else (None, None)))
     return {
         "features_version": FEATURES_VERSION, "features_fingerprint": features_fingerprint(),
