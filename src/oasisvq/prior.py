@@ -225,9 +225,9 @@ class PriorTask(training.Task):
 
 
 @torch.no_grad()
-def coarse_image(vq, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """A coarse run's reconstruction (N, 1, H, W) uint8 of code grids (N, h, w): what an upsampler reads,
-    rounded to 8 bits in training and sampling alike."""
+def decode_uint8(vq, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """A VQ-VAE's 8-bit images (N, 1, H, W) of code grids (N, h, w): the PNGs sampling writes, and the coarse
+    reconstructions an upsampler reads (rounded alike in training and sampling)."""
     dev = next(vq.parameters()).device
     out = [vq.decode_indices(codes[i:i + batch_size].long().to(dev)).clamp(0, 1).mul(255).round().to(torch.uint8)
            for i in range(0, len(codes), batch_size)]
@@ -254,7 +254,7 @@ def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, c
     codes = cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
                          path=pdir / "coarse-codes.safetensors")
     for split in ("train", "validate"):
-        codes[f"{split}.images"] = coarse_image(vq, codes[f"{split}.codes"]).cpu()
+        codes[f"{split}.images"] = decode_uint8(vq, codes[f"{split}.codes"]).cpu()
     return codes, {"coarse_vqvae": fp, "coarse_grid": list(codes["train.codes"].shape[1:])}
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError
-from .prior import coarse_image, fingerprint, load_prior, open_run, prior_dir
+from .prior import decode_uint8, fingerprint, load_prior, open_run, prior_dir
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DETAIL_SEED = 0x5EED_DE7A  # the upsampler's random stream: seed XOR this
@@ -138,10 +138,9 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             else:  # the coarse prior decodes in its own passes; `steps` are the upsampler's
                 top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
                                           guidance=guidance)
-                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=coarse_image(coarse_vq, top),
+                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=decode_uint8(coarse_vq, top),
                                    **extra)
-            img = vq.decode_indices(idx)[:, 0].float().mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-            images.append(img)
+            images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0
     images = np.concatenate(images)
