@@ -13,6 +13,7 @@ import torch
 from oasisvq.evaluation.generation import (
     FEATURES_VERSION,
     anatomy_stats,
+    compare,
     evaluate_sample_dir,
     evaluate_samples,
     features,
@@ -301,6 +302,35 @@ def test_evaluate_samples_end_to_end_and_per_level():
     assert "no position" in no_pos["per_level"]["skipped"]
 
 
+def test_feature_groups_name_what_tells_samples_apart():
+    """Noise of the same strength but coarser grain leaves the intensities alone and changes the power
+    spectrum: the spectrum alone tells the two apart, the head histogram alone cannot."""
+    g = torch.Generator().manual_seed(0)
+    noisy = lambda heads, grain: (heads + 0.04 * grain(torch.randn(heads.shape, generator=g)) * (heads > 0)).clamp(0, 1)
+    fine = lambda n: n
+    coarse = lambda n: 3 * torch.nn.functional.avg_pool2d(n, 3, stride=1, padding=1)  # 3x3 means, same std
+    real, fresh, grainy = (noisy(_phantoms(48, 128, seed=1), fine), noisy(_phantoms(48, 128, seed=2), fine),
+                           noisy(_phantoms(48, 128, seed=3), coarse))
+    f_r, f_fresh, f_grainy = standardize(features(real), features(fresh), features(grainy))
+    same, other = compare(f_fresh, f_r), compare(f_grainy, f_r)
+    assert other["two_sample_spectrum"] > 0.9 and other["two_sample_intensity"] < 0.75
+    assert all(same[f"two_sample_{g}"] < 0.75 for g in ("net", "intensity", "spectrum"))
+
+
+def test_decoded_floor_is_the_floor_through_the_tokeniser():
+    """A lossless tokeniser's decoded floor is the floor itself; one that blanks every slice is told apart."""
+    real, _ = _leveled(24, seed=3)
+    train, _ = _leveled(40, seed=4)
+    good, _ = _leveled(18, seed=5)
+    lossless = evaluate_samples(good, real, train, reconstruct=lambda x: x)["fidelity"]
+    blanking = evaluate_samples(good, real, train, reconstruct=torch.zeros_like)["fidelity"]
+    for q in ("frechet", "kid", "two_sample_accuracy", "precision", "recall", "density", "coverage"):
+        assert lossless[f"{q}_decoded"] == lossless[f"{q}_floor"]
+    assert blanking["two_sample_accuracy_decoded"] > 0.9 > blanking["two_sample_accuracy_floor"]
+    assert blanking["two_sample_accuracy"] == lossless["two_sample_accuracy"]  # the samples' own numbers stay
+    assert "two_sample_accuracy_decoded" not in evaluate_samples(good, real, train)["fidelity"]
+
+
 def test_evaluate_sample_dir_writes_json_and_figure(tmp_path, monkeypatch):
     from PIL import Image
 
@@ -312,6 +342,11 @@ def test_evaluate_sample_dir_writes_json_and_figure(tmp_path, monkeypatch):
     data = SliceSet(imgs, {"subjects": [f"OAS1_{i:04d}" for i in range(36)], "sources": ["x"] * 36,
                            "slices": [0] * 36, "splits": splits, "positions": pos.tolist()})
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
+
+    class Lossless(torch.nn.Module):  # the run's tokeniser, standing in: encode then decode gives x back
+        encode = decode_indices = staticmethod(lambda x: x)
+
+    monkeypatch.setattr("oasisvq.tokenizer.load_model", lambda run, which, dev: (Lossless(), None))
     run = tmp_path / "run"
     run.mkdir()
     RunConfig(data=DataConfig(paths=["/somewhere/oasis1"], size=32)).save(run / "config.json")
@@ -332,5 +367,6 @@ def test_evaluate_sample_dir_writes_json_and_figure(tmp_path, monkeypatch):
         assert key in saved
     assert saved["nearest_real"]["figure"] == "nearest_real.png" and saved["nearest_real"]["oasis_acknowledged"]
     assert report["fidelity"]["two_sample_accuracy_floor"] == saved["fidelity"]["two_sample_accuracy_floor"]
+    assert saved["fidelity"]["two_sample_accuracy_decoded"] == saved["fidelity"]["two_sample_accuracy_floor"]
     with Image.open(out / "nearest_real.png") as im:
         assert im.size[0] > 400

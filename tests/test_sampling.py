@@ -156,6 +156,9 @@ def test_conditional_prior_and_sample_metrics(run, tmp_path):
     for key in ("fidelity", "diversity", "memorisation", "anatomy"):
         assert key in saved
     assert np.isfinite(saved["fidelity"]["frechet_floor"])
+    # the floor through the run's own (barely trained, so lossy) tokeniser is measured and differs from it
+    assert np.isfinite(saved["fidelity"]["frechet_decoded"])
+    assert saved["fidelity"]["frechet_decoded"] != saved["fidelity"]["frechet_floor"]
 
 
 def test_position_classes():

@@ -208,6 +208,15 @@ def cmd_evaluate_samples(a) -> int:
     print(f"  precision {both('precision')}  recall {both('recall')}  density {both('density')}  "
           f"coverage {both('coverage')}")
     print(f"  Frechet {both('frechet', '.4g')}  KID {both('kid', '.4g')}")
+    decoded = "two_sample_accuracy_decoded" in f
+    if decoded:
+        print(f"  decoded floor (the floor slices through this run's tokeniser: a perfect prior's score): "
+              f"two-sample {f['two_sample_accuracy_decoded']:.3f}  precision {f['precision_decoded']:.3f}  "
+              f"recall {f['recall_decoded']:.3f}")
+    if "two_sample_spectrum" in f:
+        group = lambda g: (f"{g} {f['two_sample_' + g]:.2f} [{f['two_sample_' + g + '_floor']:.2f}"
+                           + (f"; decoded {f['two_sample_' + g + '_decoded']:.2f}]" if decoded else "]"))
+        print(f"  two-sample on each feature group alone: {group('net')}  {group('intensity')}  {group('spectrum')}")
     print(f"  near-empty (head < {e['area_threshold']:.0%}) {e['samples_fraction']:.1%} [real {e['real_fraction']:.1%}]")
     print(f"  pairwise SSIM {d['samples_pairwise_ssim']:.4f} [real {d['real_pairwise_ssim']:.4f}]")
     print(f"  nearest-train SSIM mean {mem['nearest_train_ssim']['mean']:.4f} max {mem['nearest_train_ssim']['max']:.4f}"

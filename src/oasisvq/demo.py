@@ -311,8 +311,10 @@ def _headline_generation(g: dict) -> str:
     both = lambda q, fmt=".2f": f"{f[q]:{fmt}} (real {f.get(q + '_floor', nan):{fmt}})"
     parts = []
     if "two_sample_accuracy" in f:
+        decoded = f.get("two_sample_accuracy_decoded")
         parts.append(f"two-sample accuracy {f['two_sample_accuracy']:.2f} (real "
-                     f"{f.get('two_sample_accuracy_floor', nan):.2f}, chance 0.50)")
+                     f"{f.get('two_sample_accuracy_floor', nan):.2f}, "
+                     + ("" if decoded is None else f"real through the tokeniser {decoded:.2f}, ") + "chance 0.50)")
     if "precision" in f:
         parts.append(f"precision {both('precision')}, recall {both('recall')}")
     if "frechet" in f:

@@ -200,22 +200,33 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
             f"against {gen['n_real_heldout']} real held-out slices. The real-vs-real floor is the same metric for "
             f"{gen.get('n_compared', '?')} slices of the training subjects against the same held-out slices: a "
             "generator that reproduced its training data would score it.")
-        pair = lambda label, q: [label, fid.get(q, nan), fid.get(f"{q}_floor", nan)]
+        decoded = "two_sample_accuracy_decoded" in fid
+        pair = lambda label, q: [label, fid.get(q, nan), fid.get(f"{q}_floor", nan)] + \
+            ([fid.get(f"{q}_decoded", nan)] if decoded else [])
         rows = [pair("two-sample classifier accuracy (0.5 = cannot tell them apart)", "two_sample_accuracy"),
                 pair("precision (samples on the real manifold)", "precision"),
                 pair("recall (real slices the samples reach)", "recall"),
                 pair("density", "density"), pair("coverage", "coverage"),
                 pair("Frechet distance", "frechet"), pair("KID", "kid")]
+        rows += [pair(f"two-sample accuracy on the {name} alone", f"two_sample_{g}") for g, name in
+                 (("net", "conv-net features"), ("intensity", "head histogram and area"),
+                  ("spectrum", "power spectrum")) if f"two_sample_{g}" in fid]
+        blank = [""] if decoded else []
         if "empty" in gen:
             rows.append([f"near-empty slices (head < {gen['empty']['area_threshold']:.0%} of the slice)",
-                         gen["empty"]["samples_fraction"], gen["empty"]["real_fraction"]])
+                         gen["empty"]["samples_fraction"], gen["empty"]["real_fraction"], *blank])
         rows += [["mean pairwise SSIM (diversity; lower = more diverse)", div["samples_pairwise_ssim"],
-                  div["real_pairwise_ssim"]],
+                  div["real_pairwise_ssim"], *blank],
                  ["nearest-training-slice SSIM (median)", mem["nearest_train_ssim"]["median"],
-                  mem.get("heldout_nearest_train_ssim", {}).get("median", nan)]]
+                  mem.get("heldout_nearest_train_ssim", {}).get("median", nan), *blank]]
         for q, a in gen.get("anatomy", {}).items():
-            rows.append([f"{q} (Wasserstein to real)", a["wasserstein"], a["floor_wasserstein"]])
-        d.table(["metric", "samples", "real-vs-real floor"], rows)
+            rows.append([f"{q} (Wasserstein to real)", a["wasserstein"], a["floor_wasserstein"], *blank])
+        if decoded:
+            d.p("The decoded floor is the floor's slices after this run's tokeniser (encode, then decode): what a "
+                "prior that drew the codes exactly as the training slices have them would score. The floor to the "
+                "decoded floor is the tokeniser's share of the samples' gap, the decoded floor to the samples the "
+                "prior's.")
+        d.table(["metric", "samples", "real-vs-real floor", *(["decoded floor"] if decoded else [])], rows)
         levels = gen.get("per_level", {})
         if levels.get("bins"):
             cells = lambda b: [b.get(q, "skipped") for q in ("two_sample_accuracy", "two_sample_accuracy_floor",

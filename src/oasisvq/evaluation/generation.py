@@ -17,7 +17,8 @@ perfectly would score the floor, so the gap to the floor is the number to read, 
 
 Metrics: Fréchet distance and KID; precision, recall, density and coverage (Naeem et al. 2020, k = 5, the
 held-out slices as the real manifold); a classifier two-sample test (L2-regularised logistic regression on
-standardised features, k-fold cross-validated accuracy on balanced classes; 0.5 = cannot tell them apart);
+standardised features, k-fold cross-validated accuracy on balanced classes; 0.5 = cannot tell them apart;
+also on each feature group alone, to show what tells them apart);
 near-empty samples; memorisation (nearest training slice by SSIM); diversity; tissue anatomy. Where both
 the samples and the real slices carry a level in the volume, the comparison is repeated per level bin.
 """
@@ -29,6 +30,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ TWO_SAMPLE_MAX_PER_CLASS = 500  # bounds the classifier's cost; accuracy barely 
 LEVEL_BINS = 3
 MIN_PER_LEVEL = 4  # samples and real slices a level bin needs to be compared
 TISSUES = ("csf", "grey", "white")  # T1 contrast: darkest to brightest
+_NET_DIMS = 2 * sum(c for c, _ in NET_LAYERS)
+# The two-sample test again on each part of the features alone: which of them tells samples from real slices
+FEATURE_GROUPS = {"net": slice(0, _NET_DIMS), "intensity": slice(_NET_DIMS, _NET_DIMS + FEATURE_HIST_BINS + 1),
+                  "spectrum": slice(_NET_DIMS + FEATURE_HIST_BINS + 1, None)}
 
 
 def _as_float_images(x: Any) -> torch.Tensor:
@@ -130,7 +136,7 @@ def features(images: Any, batch_size: int = 64, device: str | torch.device = "cp
         area = head.flatten(1).double().mean(1, keepdim=True)
         out.append(torch.cat([*parts, hist, area, _spectrum(x)], 1).cpu())
     if not out:
-        return np.zeros((0, 2 * sum(c for c, _ in NET_LAYERS) + FEATURE_HIST_BINS + 1 + SPECTRUM_BINS))
+        return np.zeros((0, _NET_DIMS + FEATURE_HIST_BINS + 1 + SPECTRUM_BINS))
     return torch.cat(out).numpy()
 
 
@@ -251,11 +257,14 @@ def two_sample_test(fake: np.ndarray, real: np.ndarray, folds: int = TWO_SAMPLE_
 
 
 def compare(fake: np.ndarray, real: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Every distribution metric of ``fake`` against ``real`` features (both already standardised)."""
+    """Every distribution metric of ``fake`` against ``real`` features (both already standardised), and the
+    two-sample accuracy on each feature group alone (``two_sample_<group>``)."""
     k, k_sd = kid(fake, real, seed=seed)
     ts = two_sample_test(fake, real, seed=seed)
     pr = prdc(fake, real)
     return {"two_sample_accuracy": ts["accuracy"], "two_sample_accuracy_std": ts["accuracy_std"],
+            **{f"two_sample_{g}": two_sample_test(fake[:, cols], real[:, cols], seed=seed)["accuracy"]
+               for g, cols in FEATURE_GROUPS.items()},
             **{q: pr[q] for q in ("precision", "recall", "density", "coverage")},
             "frechet": frechet_distance(fake, real), "kid": k, "kid_std": k_sd}
 
@@ -441,7 +450,8 @@ def _take(images: Any, idx: np.ndarray) -> Any:
 def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample_levels: Any = None,
                      heldout_levels: Any = None, train_levels: Any = None, level_edges: Any = None,
                      copy_threshold: float = 0.95, samples_per_second: float | None = None,
-                     max_pairs: int = 500, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+                     max_pairs: int = 500, seed: int = 0, device: str | torch.device = "cpu",
+                     reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """All generation metrics for ``samples`` (N, 1, H, W) in [0, 1] against real slices.
 
     ``real_heldout`` are slices of subjects the VQ-VAE and prior never trained on: the real reference.
@@ -449,6 +459,12 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample
     a seeded subset as large as the sample set is measured against the held-out slices exactly like the
     samples, and it is searched for copies. Levels in [0, 1] (NaN = unknown) of each set enable the
     per-level comparison in the bins ``level_edges`` (default: LEVEL_BINS equal bins).
+
+    ``reconstruct`` (images (N, 1, H, W) in [0, 1] -> the tokeniser's encode-then-decode of them) adds the
+    *decoded floor* (``fidelity[metric + "_decoded"]``): the floor slices after the tokeniser, rounded to 8
+    bits like sampled PNGs. A prior that drew this run's codes exactly as the training slices have them
+    would score it, so the gap floor -> decoded floor is the tokeniser's share and decoded floor -> samples
+    the prior's.
     """
     s, real = _as_float_images(samples), _as_float_images(real_heldout)
     if len(s) < 2 or len(real) < 4 or len(real_train) < 2:
@@ -471,9 +487,13 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample
     train_imgs = _as_float_images(_take(real_train, need))
     rows = lambda idx: np.searchsorted(need, idx)
 
-    f_r, f_s, f_t = standardize(features(real, device=device), features(s, device=device),
-                                features(train_imgs, device=device))
+    raw_real = features(real, device=device)
+    f_r, f_s, f_t = standardize(raw_real, features(s, device=device), features(train_imgs, device=device))
     fidelity = with_floor(f_s[pick_s], f_t[rows(pick_t[0])], f_r, seed)
+    if reconstruct is not None:
+        decoded = reconstruct(train_imgs[rows(pick_t[0])]).clamp(0, 1).mul(255).round().div(255)
+        f_d = standardize(raw_real, features(decoded, device=device))[1]
+        fidelity.update({f"{q}_decoded": v for q, v in compare(f_d, f_r, seed).items()})
 
     per_level: dict[str, Any] = {"edges": edges.tolist()}
     if skip is not None:
@@ -605,11 +625,13 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
                         cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True
                         ) -> dict[str, Any]:
     """Generation metrics of the samples in ``samples_dir`` against the run's ``split`` slices (at most
-    ``max_real``, a seeded subset) and its training slices; written to ``samples_dir/samples_metrics.json``
+    ``max_real``, a seeded subset) and its training slices, with the floor also through the run's tokeniser
+    (the decoded floor, see :func:`evaluate_samples`); written to ``samples_dir/samples_metrics.json``
     with the figure ``samples_dir/nearest_real.png``. Features run on ``device`` in float64."""
     from .. import data  # looked up at call time: tests stand in their own slices
     from ..config import RunConfig
     from ..download import OASIS_ACKNOWLEDGEMENT
+    from ..tokenizer import load_model
     from ..training import pick_device
 
     run_dir, samples_dir = Path(run_dir), Path(samples_dir)
@@ -624,10 +646,18 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     pick = np.sort(np.random.default_rng(seed).permutation(len(held))[:max_real])
     levels = sample_levels(info, len(samples))
     real = held.uint8(pick)
+    dev = pick_device(device)
+    vq, _ = load_model(run_dir, "best", dev)  # the checkpoint sampling decodes with
+
+    @torch.no_grad()
+    def reconstruct(x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        return torch.cat([vq.decode_indices(vq.encode(x[i:i + batch_size].to(dev))).float().cpu()
+                          for i in range(0, len(x), batch_size)])
+
     report = evaluate_samples(samples, real, _LazySlices(train), sample_levels=levels,
                               heldout_levels=held.position[pick], train_levels=train.position,
                               copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),
-                              seed=seed, device=pick_device(device))
+                              seed=seed, device=dev, reconstruct=reconstruct)
     oasis = uses_oasis(run_cfg.data.paths, held.subjects)
     footer = f"Real slices: {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498." if oasis else None
     near = report["nearest_real"]
