@@ -107,6 +107,8 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     assert main(["train-prior", "fine", "--kind", "upsampler", "--epochs", "2", "--resume", "--no-progress"]) == 0
     meta = load_checkpoint(fine / "prior-upsampler" / "last.safetensors")[1]
     assert meta["step"] == 2 * 3 and 0 < meta["best_val_bits"] < 8
+    # the coarse grids came from the coarse MaskGIT's own cache, not from encoding them again
+    assert not (fine / "prior-upsampler" / "coarse-codes.safetensors").exists()
     assert meta["prior_config"]["coarse_run"] == str(coarse.resolve())
     assert meta["prior_config"]["patch"] == 8 and meta["coarse_grid"] == [2, 2] and meta["grid"] == [4, 4]
     assert meta["coarse_vqvae"] == prior.fingerprint(coarse) and meta["prior_config"]["decode_steps"] == 32
@@ -140,8 +142,11 @@ def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
     fine, coarse = two_runs
     prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    (coarse / "prior-maskgit" / prior.CODES_FILE).unlink()  # no coarse cache to read: the upsampler encodes
     prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(coarse), width=16, layers=2,
                       batch_size=4)
+    assert (fine / "prior-upsampler" / "coarse-codes.safetensors").is_file()
+    assert not (coarse / "prior-maskgit" / prior.CODES_FILE).exists()  # nothing written into the coarse run
     info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "s", steps=2, progress=False)
     assert info["levels"] is None and len(info["files"]) == 2
 

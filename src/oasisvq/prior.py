@@ -93,6 +93,18 @@ def encode_slices(model, slices, device: torch.device, batch_size: int = 64, pro
     return torch.cat(out)
 
 
+def current_codes(path: Path, vqvae_fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The code grids cached in ``path`` if they were encoded by the VQ-VAE of that fingerprint, else None
+    (missing, stale or damaged: encode again)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    return tensors if meta.get("vqvae") == vqvae_fingerprint and meta.get("kind") == "codes" else None
+
+
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
                  cache_dir: Path | str | None = None, progress: bool = True, vqvae_fingerprint: str = "",
                  path: Path | None = None) -> dict[str, torch.Tensor]:
@@ -101,13 +113,9 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
     hashed here if not given), else encoded now and cached."""
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
-    if path.is_file():
-        try:
-            tensors, meta = load_checkpoint(path)
-            if meta.get("vqvae") == fp and meta.get("kind") == "codes":
-                return tensors
-        except CheckpointError:
-            pass  # damaged cache: rebuild it
+    tensors = current_codes(path, fp)
+    if tensors is not None:
+        return tensors
     slices = run_slices(run_cfg, cache_dir, progress)
     tensors = {}
     for split in ("train", "validate"):
@@ -251,8 +259,10 @@ def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, c
         grid = lambda cfg: f"{cfg.data.size // cfg.model.downsample}^2"
         raise ConfigError(f"{coarse}: its {grid(coarse_cfg)} code grid is not coarser than this run's {grid(run_cfg)}")
     fp = fingerprint(coarse)
-    codes = cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
-                         path=pdir / "coarse-codes.safetensors")
+    # The coarse run's own prior has usually encoded these grids already: read them there (never write there).
+    codes = current_codes(prior_dir(coarse, cfg.coarse_prior) / CODES_FILE, fp) or \
+        cached_codes(coarse, "", vq, coarse_cfg, device, cache_dir, progress, vqvae_fingerprint=fp,
+                     path=pdir / "coarse-codes.safetensors")
     for split in ("train", "validate"):
         codes[f"{split}.images"] = decode_uint8(vq, codes[f"{split}.codes"]).cpu()
     return codes, {"coarse_vqvae": fp, "coarse_grid": list(codes["train.codes"].shape[1:])}
