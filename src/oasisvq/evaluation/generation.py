@@ -633,6 +633,7 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     from ..download import OASIS_ACKNOWLEDGEMENT
     from ..tokenizer import load_model
     from ..training import pick_device
+    from .reconstruction import encode_decode
 
     run_dir, samples_dir = Path(run_dir), Path(samples_dir)
     if not (run_dir / "config.json").is_file():
@@ -648,12 +649,7 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     real = held.uint8(pick)
     dev = pick_device(device)
     vq, _ = load_model(run_dir, "best", dev)  # the checkpoint sampling decodes with
-
-    @torch.no_grad()
-    def reconstruct(x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        return torch.cat([vq.decode_indices(vq.encode(x[i:i + batch_size].to(dev))).float().cpu()
-                          for i in range(0, len(x), batch_size)])
-
+    reconstruct = lambda x: torch.from_numpy(encode_decode(vq, x[:, 0].numpy(), dev))[:, None]
     report = evaluate_samples(samples, real, _LazySlices(train), sample_levels=levels,
                               heldout_levels=held.position[pick], train_levels=train.position,
                               copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),

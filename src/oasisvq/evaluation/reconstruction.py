@@ -141,7 +141,7 @@ def reconstruct(run_dir: Path | str, inputs: list[str | Path], out: Path | str, 
         target = out / (p.name if kind == "png" else _nifti_name(p))
         if kind == "png":
             img = fit_to_size(read_png(p), cfg.data.size)
-            rec = _run(model, img[None].astype(np.float32) / 255, dev)[0]
+            rec = encode_decode(model, img[None].astype(np.float32) / 255, dev)[0]
             buf = io.BytesIO()
             Image.fromarray(np.rint(rec * 255).astype(np.uint8)).save(buf, format="PNG")
             atomic_write_bytes(target, buf.getvalue())
@@ -169,7 +169,8 @@ def _nifti_name(p: Path) -> str:
 
 
 @torch.no_grad()
-def _run(model, images: np.ndarray, dev: torch.device, batch: int = 32) -> np.ndarray:
+def encode_decode(model, images: np.ndarray, dev: torch.device, batch: int = 32) -> np.ndarray:
+    """The VQ-VAE's reconstructions (N, H, W) float of images (N, H, W) float32 in [0, 1], in batches."""
     out = []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch])).unsqueeze(1).to(dev)
@@ -189,7 +190,7 @@ def _reconstruct_volume(model, data_cfg: DataConfig, path: Path, target: Path, d
         raise DataError(f"{path}: slices of {h}x{w} are larger than the model's {size}x{size}; "
                         "reconstructing resized volumes is not supported")
     fitted = np.stack([fit_to_size(s.astype(np.float32), size) for s in slices])
-    rec = _run(model, fitted, dev)
+    rec = encode_decode(model, fitted, dev)
     top, left = (size - h) // 2, (size - w) // 2
     rec = rec[:, top:top + h, left:left + w]
     # invert volume_slices: put the slice axis back
