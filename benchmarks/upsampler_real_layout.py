@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from oasisvq import data, figures
-from oasisvq.download import OASIS_ACKNOWLEDGEMENT
+from oasisvq.download import OASIS_CREDIT
 from oasisvq.prior import decode_uint8, load_prior
 from oasisvq.tokenizer import load_model
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args(argv)
     dev = torch.device("cpu")
-    meta = load_prior(a.runs[0], "upsampler", "best", dev)[1]
-    coarse, _ = load_model(meta["prior_config"]["coarse_run"], "best")
+    priors = [load_prior(run, "upsampler", "best", dev) for run in a.runs]
+    coarse, _ = load_model(priors[0][1]["prior_config"]["coarse_run"], "best")
     fine, cfg = load_model(a.runs[0], "best")
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
     subjects, levels = np.asarray(held.subjects), np.asarray(held.position)
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         layout = decode_uint8(coarse, coarse.encode(x))
         rows += [layout[:, 0].numpy(), decode_uint8(fine, fine.encode(x))[:, 0].numpy()]
         names += ["coarse recon (read)", "fine recon (target)"]
-        for run in a.runs:
-            prior, m = load_prior(run, "upsampler", "best", dev)
+        for run, (prior, m) in zip(a.runs, priors):
             vq, _ = load_model(run, "best")
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=torch.Generator().manual_seed(a.seed),
                                  cond=layout)
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     titles = [f"real, level {levels[i]:.2f}" for i in pick] + [name for name in names[1:] for _ in pick]
     figures.slice_grid(np.concatenate(rows), a.out, titles=titles, cols=len(pick),
                        title=f"upsampler given the real layout ({a.split} subject)",
-                       footer=f"Real slices: {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498.")
+                       footer=f"Real slices: {OASIS_CREDIT}")
     print(f"written {a.out}")
 
 

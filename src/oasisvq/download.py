@@ -50,6 +50,7 @@ OASIS_ACKNOWLEDGEMENT = (
     "J. Csernansky, J. Morris; P50 AG05681, P01 AG03991, P01 AG026276, R01 AG021910, P20 MH071616, "
     "U24 RR021382"
 )
+OASIS_CREDIT = f"{OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498."  # under figures and reports
 OASIS_CITATION = (
     "Marcus DS, Wang TH, Parker J, Csernansky JG, Morris JC, Buckner RL. Open Access Series of Imaging "
     "Studies (OASIS): cross-sectional MRI data in young, middle aged, nondemented, and demented older "

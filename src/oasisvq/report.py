@@ -84,7 +84,7 @@ figcaption{font-size:.88em;color:#555}.ack{background:#fff8e1;border-left:4px so
 def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir: Path | str | None = None,
                  demo_info: dict | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (with ``figures/``) for a run; returns both paths."""
-    from .download import OASIS_ACKNOWLEDGEMENT
+    from .download import OASIS_CREDIT
     from .figures import slice_grid
 
     run_dir = Path(run_dir)
@@ -123,9 +123,8 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
         d.p("Data: " + ", ".join(cfg.data.paths) + f" (slices {cfg.data.size}x{cfg.data.size}, "
             f"axis {cfg.data.axis} for volumes; split by subject, seed {cfg.data.seed}).")
     if uses_oasis(cfg.data.paths, subjects):
-        d.html.append(f'<p class="ack">{html.escape(OASIS_ACKNOWLEDGEMENT)}; Marcus et al. 2007, '
-                      "J Cogn Neurosci 19:1498.</p>")
-        d.md.append(f"> {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498.\n")
+        d.html.append(f'<p class="ack">{html.escape(OASIS_CREDIT)}</p>')
+        d.md.append(f"> {OASIS_CREDIT}\n")
 
     # -- config
     d.h(2, "Configuration")

@@ -630,7 +630,7 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     with the figure ``samples_dir/nearest_real.png``. Features run on ``device`` in float64."""
     from .. import data  # looked up at call time: tests stand in their own slices
     from ..config import RunConfig
-    from ..download import OASIS_ACKNOWLEDGEMENT
+    from ..download import OASIS_CREDIT
     from ..tokenizer import load_model
     from ..training import pick_device
     from .reconstruction import encode_decode
@@ -655,7 +655,7 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
                               copy_threshold=copy_threshold, samples_per_second=info.get("samples_per_second"),
                               seed=seed, device=dev, reconstruct=reconstruct)
     oasis = uses_oasis(run_cfg.data.paths, held.subjects)
-    footer = f"Real slices: {OASIS_ACKNOWLEDGEMENT}; Marcus et al. 2007, J Cogn Neurosci 19:1498." if oasis else None
+    footer = f"Real slices: {OASIS_CREDIT}" if oasis else None
     near = report["nearest_real"]
     nearest_real_figure(samples, real, near["real_index"], near["distance"], samples_dir / "nearest_real.png",
                         levels, held.position[pick], footer)
