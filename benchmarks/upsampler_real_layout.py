@@ -3,7 +3,7 @@
 them the real slice and the fine run's own reconstruction (what the upsampler should learn to draw).
 Separates the upsampler's share of the samples' look from the coarse prior's.
 
-    python benchmarks/upsampler_real_layout.py RUN [RUN ...] --out FIGURE.png [--split validate]
+    python benchmarks/upsampler_real_layout.py RUN [RUN ...] --out FIGURE.png [--split validate] [--labels L ...]
 
 Each RUN holds a 64x64 VQ-VAE and an upsampler prior trained on the same coarse run (the first run's
 coarse run and fine VQ-VAE draw the rows above). One slice of the split's first subject nearest each of
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="validate")
     ap.add_argument("--levels", nargs="+", type=float, default=[0.15, 0.3, 0.45, 0.6, 0.75])
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--labels", nargs="+", help="one row title per run (default: its upsampler's steps)")
     a = ap.parse_args(argv)
+    if a.labels and len(a.labels) != len(a.runs):
+        ap.error(f"--labels needs one title per run ({len(a.runs)}), got {len(a.labels)}")
     dev = torch.device("cpu")
     priors = [load_prior(run, "upsampler", "best", dev) for run in a.runs]
     coarse, _ = load_model(priors[0][1]["prior_config"]["coarse_run"], "best")
@@ -47,12 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         layout = decode_uint8(coarse, coarse.encode(x))
         rows += [layout[:, 0].numpy(), decode_uint8(fine, fine.encode(x))[:, 0].numpy()]
         names += ["coarse recon (read)", "fine recon (target)"]
-        for run, (prior, m) in zip(a.runs, priors):
+        for i, (run, (prior, m)) in enumerate(zip(a.runs, priors)):
             vq, _ = load_model(run, "best")
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=torch.Generator().manual_seed(a.seed),
                                  cond=layout)
             rows.append(decode_uint8(vq, codes)[:, 0].numpy())
-            names.append(f"upsampled, {m['step']} steps")
+            names.append(a.labels[i] if a.labels else f"upsampled, {m['step']} steps")
             print(f"{run}: upsampler at {m['step']} steps, best validation bits {m['best_val_bits']:.3f}")
     titles = [f"real, level {levels[i]:.2f}" for i in pick] + [name for name in names[1:] for _ in pick]
     figures.slice_grid(np.concatenate(rows), a.out, titles=titles, cols=len(pick),

@@ -48,6 +48,23 @@ def test_logits_follow_the_coarse_image_under_each_fine_code():
     assert torch.allclose(model(fine, image), model(fine, image.float() / 255))  # uint8 or float in [0, 1]
 
 
+def test_six_blocks_see_seven_codes_either_way():
+    """Undilated blocks (prior format 4): the image's 3x3 conv and six 3x3 blocks reach 7 fine codes from
+    a changed one, not the 18 of the dilated 1-2-4-8-1-2 blocks of format 3."""
+    torch.manual_seed(0)
+    model = _upsampler(layers=6).eval()
+    for p in model.blocks.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    fine = torch.randint(0, FINE, (1, 20, 20))
+    image = torch.rand(1, 1, 20 * PATCH, 20 * PATCH)
+    changed = image.clone()
+    changed[0, 0, 10 * PATCH:11 * PATCH, 10 * PATCH:11 * PATCH] += 1  # the pixels of fine code (10, 10)
+    with torch.no_grad():
+        reach = (model(fine, image) - model(fine, changed)).abs().amax(1)[0] > 0
+    rows, cols = reach.nonzero().T
+    assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (3, 17, 3, 17)
+
+
 def test_decoding_fills_every_fine_code_and_is_reproducible():
     torch.manual_seed(0)
     model = _upsampler().eval()
@@ -150,12 +167,13 @@ def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):
     info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "s", steps=2, progress=False)
     assert info["levels"] is None and len(info["files"]) == 2
 
-    # an upsampler of prior format 2 read coarse code ids: it cannot be loaded as one that reads images
+    # an upsampler of prior format 2 read coarse code ids, one of format 3 ran dilated blocks: neither loads
     path = fine / "prior-upsampler" / "best.safetensors"
     tensors, meta = load_checkpoint(path)
-    save_checkpoint(path, tensors, dict(meta, prior_format=2))
-    with pytest.raises(CheckpointError, match="prior format 2.*train it again"):
-        sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
+    for fmt in (2, 3):
+        save_checkpoint(path, tensors, dict(meta, prior_format=fmt))
+        with pytest.raises(CheckpointError, match=f"prior format {fmt}.*train it again"):
+            sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
 
 
 def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):

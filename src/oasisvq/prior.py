@@ -38,7 +38,8 @@ CODES_FILE = "codes.safetensors"
 WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 bits/code in a 130-step demo prior)
 # 2: conditional priors learn a null class for classifier-free guidance (embedding tables grew by one row).
 # 3: the upsampler reads the coarse run's reconstructions (format 2 read its code ids).
-PRIOR_FORMAT = 3
+# 4: the upsampler's blocks are undilated (format 3's, dilated, hold weights of the same shapes).
+PRIOR_FORMAT = 4
 LEVEL_CLASSES = 8  # level bins a prior conditions on by default, where every slice has a level
 
 
@@ -269,10 +270,10 @@ def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, c
 
 
 def _check_format(path: Path, meta: dict[str, Any]) -> None:
-    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class, and upsamplers before format 3
-    read coarse code ids: say so in one line."""
+    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class, and upsamplers before format 4
+    read coarse code ids (format 2) or ran dilated blocks (3): say so in one line."""
     pcfg, fmt = meta.get("prior_config", {}), meta.get("prior_format", 1)
-    if (fmt < 2 and pcfg.get("num_classes")) or (fmt < 3 and pcfg.get("kind") == "upsampler"):
+    if (fmt < 2 and pcfg.get("num_classes")) or (fmt < 4 and pcfg.get("kind") == "upsampler"):
         raise CheckpointError(
             f"{path}: a {'conditional' if fmt < 2 else pcfg['kind']} prior written by oasisvq "
             f"{meta.get('oasisvq_version', '0.1.0')} (prior format {fmt}); this oasisvq reads format {PRIOR_FORMAT}: "

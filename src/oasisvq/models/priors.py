@@ -615,15 +615,15 @@ class MaskGITPrior(MaskedPrior):
 # ids: an image says directly how bright each fine code's patch is, where a code id is a label whose
 # meaning a small network must first learn (measured: with the ids, even real coarse codes gave mottled,
 # over-bright fine codes after 840 steps). What is left is mostly local, so the network is convolutional
-# (dilated residual blocks, far cheaper per step than attention over every fine code) and decodes like
-# MaskGIT.
+# (residual blocks of 3x3 convolutions, far cheaper per step than attention over every fine code) and
+# decodes like MaskGIT.
 # --------------------------------------------------------------------------------------------------
 
 
-class _DilatedBlock(nn.Module):
-    def __init__(self, width: int, dilation: int, dropout: float):
+class _ResBlock(nn.Module):
+    def __init__(self, width: int, dropout: float):
         super().__init__()
-        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation),
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
                                    nn.ReLU(), nn.Dropout(dropout), nn.Conv2d(width, width, 1))
         nn.init.zeros_(self.block[-1].weight)  # starts as the identity
         nn.init.zeros_(self.block[-1].bias)
@@ -644,8 +644,9 @@ class UpsamplerPrior(MaskedPrior):
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
         # each fine code reads the patch x patch pixels it covers and those of its neighbours
         self.image = nn.Conv2d(patch * patch, width, 3, padding=1)
-        # dilations 1, 2, 4, 8, 1, 2, ...: six blocks see 18 codes either way, most of a 32x32 grid
-        self.blocks = nn.Sequential(*(_DilatedBlock(width, 2 ** (i % 4), dropout) for i in range(layers)))
+        # undilated: six blocks see 7 codes (28 pixels) either way, enough for sulci; dilations 1-2-4-8-1-2
+        # saw 18 but drew a mottle where these draw gyrus-like lines, at the same cost (README, prior format 4)
+        self.blocks = nn.Sequential(*(_ResBlock(width, dropout) for _ in range(layers)))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
     @classmethod
