@@ -644,8 +644,8 @@ class UpsamplerPrior(MaskedPrior):
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
         # each fine code reads the patch x patch pixels it covers and those of its neighbours
         self.image = nn.Conv2d(patch * patch, width, 3, padding=1)
-        # undilated: six blocks see 7 codes (28 pixels) either way, enough for sulci; dilations 1-2-4-8-1-2
-        # saw 18 but drew a mottle where these draw gyrus-like lines, at the same cost (README, prior format 4)
+        # undilated: six blocks see 7 codes (28 pixels) either way; dilations 1-2-4-8-1-2 saw 18 but drew a
+        # mottle where these draw sulcus-like lines at the same cost (README "Undilated blocks": format 4)
         self.blocks = nn.Sequential(*(_ResBlock(width, dropout) for _ in range(layers)))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
