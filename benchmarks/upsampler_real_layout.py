@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     priors = [load_prior(run, "upsampler", "best", dev) for run in a.runs]
     coarse, _ = load_model(priors[0][1]["prior_config"]["coarse_run"], "best")
     fine, cfg = load_model(a.runs[0], "best")
+    decoders = [fine] + [load_model(run, "best")[0] for run in a.runs[1:]]  # each run's 64x64 VQ-VAE, once
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
     subjects, levels = np.asarray(held.subjects), np.asarray(held.position)
     own = np.where(subjects == subjects[0], levels, np.inf)  # one subject, so the rows show one head
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         layout = decode_uint8(coarse, coarse.encode(x))
         rows += [layout[:, 0].numpy(), decode_uint8(fine, fine.encode(x))[:, 0].numpy()]
         names += ["coarse recon (read)", "fine recon (target)"]
-        for i, (run, (prior, m)) in enumerate(zip(a.runs, priors)):
-            vq, _ = load_model(run, "best")
+        for i, (run, (prior, m), vq) in enumerate(zip(a.runs, priors, decoders)):
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=torch.Generator().manual_seed(a.seed),
                                  cond=layout)
             rows.append(decode_uint8(vq, codes)[:, 0].numpy())
