@@ -238,6 +238,8 @@ def test_anatomy_stats_and_wasserstein():
     st = anatomy_stats(img, gmm)
     assert st["head_area"][0] == pytest.approx(0.9)
     assert (st["csf"][0], st["grey"][0], st["white"][0]) == pytest.approx((5 / 9, 3 / 9, 1 / 9))
+    assert st["head_intensity"][0] == pytest.approx((50 * 0.2 + 30 * 0.5 + 10 * 0.8) / 90)
+    assert anatomy_stats(torch.zeros(1, 1, 4, 4), gmm)["head_intensity"][0] == 0  # an empty slice
     assert wasserstein_1d([0, 1], [0, 1]) == 0
     assert wasserstein_1d([0, 0, 0], [2, 2]) == pytest.approx(2)
     assert wasserstein_1d([0, 1], [0.5]) == pytest.approx(0.5)
@@ -278,6 +280,11 @@ def test_evaluate_samples_end_to_end_and_per_level():
     assert gf["two_sample_accuracy"] < 0.8 < bf["two_sample_accuracy"]
     assert gf["precision"] > bf["precision"] and gf["coverage"] > bf["coverage"]
     assert g["anatomy"]["head_area"]["wasserstein"] < b["anatomy"]["head_area"]["wasserstein"]
+    bright = np.where(good > 12, 255, good).astype(np.uint8)  # the same heads with a saturated inside
+    w = evaluate_samples(bright, real, train, sample_levels=lv_good, **kw)["anatomy"]["head_intensity"]
+    h = g["anatomy"]["head_intensity"]
+    assert w["samples_mean"] == pytest.approx(1.0, abs=0.02) and h["samples_mean"] < 0.9
+    assert w["wasserstein"] > h["wasserstein"] and w["floor_mean"] == h["floor_mean"]  # the floor ignores samples
     assert g["samples_per_second"] == 12.5 and g["features_version"] == FEATURES_VERSION
     assert g["n_compared"] == 18 and g["settings"]["two_sample_n_per_class"] == 18
     for q in ("frechet", "kid", "two_sample_accuracy", "precision", "recall", "density", "coverage"):

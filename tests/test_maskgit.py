@@ -69,6 +69,30 @@ def test_decoding_fills_every_position_in_exactly_the_given_steps(steps, grid, g
     assert torch.equal(out.flatten(1)[fixed], inputs[-1][:3][fixed])
 
 
+def test_choice_temperature_zero_keeps_the_surest_codes_and_a_large_one_keeps_any():
+    model = _model()
+    seen: list[torch.Tensor] = []
+    logits = torch.zeros(1, 16, 6)
+    logits[0, [1, 4, 6, 11, 13], 2] = 20.0  # five sure positions; the others are uniform over 6 codes
+
+    def fixed_logits(seq, h, w, cond):
+        seen.append(seq.clone())
+        return logits.expand(len(seq), -1, -1)
+
+    model._run = fixed_logits
+    sure = torch.zeros(16, dtype=torch.bool)
+    sure[[1, 4, 6, 11, 13]] = True
+    assert masked_count(1, 2, 16) == 16 - 5  # the first of two passes keeps five codes
+    kept = []
+    for seed in range(4):
+        for choice in (0.0, 1e6):
+            seen.clear()
+            model.sample(3, (4, 4), generator=torch.Generator().manual_seed(seed), steps=2, choice_temperature=choice)
+            kept.append((choice, seen[1] != model.mask_id))
+    assert all(torch.equal(k, sure.expand(3, -1)) for c, k in kept if c == 0)
+    assert sum(not torch.equal(k, sure.expand(3, -1)) for c, k in kept if c > 0) == 4  # random: never these
+
+
 def test_decoding_defaults_to_decode_steps_and_is_reproducible():
     model = _model(decode_steps=3)
     passes = []

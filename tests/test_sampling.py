@@ -239,6 +239,8 @@ def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp
     assert load_checkpoint(run / "prior-pixelcnn" / "last.safetensors")[1]["prior_config"]["num_classes"] == 0
     with pytest.raises(ConfigError, match="steps"):
         sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "x", steps=4, progress=False)
+    with pytest.raises(ConfigError, match="choice temperature"):
+        sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "x", choice_temperature=1.0, progress=False)
     for bad in ({"level": 0.5}, {"guidance": 2.0}):
         with pytest.raises(ConfigError, match="conditional prior"):
             sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "y", progress=False, **bad)

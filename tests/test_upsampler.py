@@ -10,7 +10,7 @@ from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.cli import main
 from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
-from oasisvq.models.priors import MaskGITPrior, PriorConfig, build_prior
+from oasisvq.models.priors import MaskGITPrior, PriorConfig, UpsamplerPrior, build_prior
 
 from .test_sampling import SIZE, TINY, _slices, make_run
 
@@ -144,6 +144,16 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
                             batch_size=2, progress=False)
     assert all(0.2 <= v <= 0.6 for v in info["levels"]) and info["levels"] == again["levels"]
     assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "t" / f).read_bytes() for f in info["files"])
+
+    ranked = []  # a choice temperature reaches both priors and is recorded
+    for cls in (MaskGITPrior, UpsamplerPrior):
+        monkeypatch.setattr(cls, "sample", lambda self, *a, _draw=cls.sample, **kw:
+                            ranked.append((type(self), kw.get("choice_temperature"))) or _draw(self, *a, **kw))
+    info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "r", seed=1, choice_temperature=0.0, progress=False)
+    assert ranked == [(MaskGITPrior, 0.0), (UpsamplerPrior, 0.0)] and info["choice_temperature"] == 0.0
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ConfigError, match="choice temperature"):
+            sampling.sample(fine, "upsampler", n=1, out=tmp_path / "r", choice_temperature=bad, progress=False)
 
     # a coarse VQ-VAE trained again makes other codes: sampling refuses rather than decode nonsense
     path = coarse / "checkpoints" / "best.safetensors"

@@ -186,7 +186,8 @@ def cmd_sample(a) -> int:
     from .sampling import sample
 
     info = sample(a.run, a.prior, n=a.n, out=a.out, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                  cond=a.cond, level=a.level, guidance=a.guidance, steps=a.steps, batch_size=a.batch_size,
+                  cond=a.cond, level=a.level, guidance=a.guidance, steps=a.steps,
+                  choice_temperature=a.choice_temperature, batch_size=a.batch_size,
                   device=a.device, which=a.checkpoint, progress=not a.no_progress)
     out = a.out or Path(a.run) / f"samples-{a.prior}"
     print(f"{info['n']} samples in {out} ({info['samples_per_second']:.2f} samples/s)")
@@ -223,7 +224,8 @@ def cmd_evaluate_samples(a) -> int:
           f" [held-out {mem['heldout_nearest_train_ssim']['mean']:.4f}]; copies (> {mem['threshold']}): {mem['copies']}"
           f" ({mem['copy_fraction']:.1%}) [held-out {mem['copy_fraction_floor']:.1%}]")
     for q, v in m["anatomy"].items():
-        print(f"  {q}: W1 {v['wasserstein']:.4f} [{v['floor_wasserstein']:.4f}]")
+        print(f"  {q}: mean {v['samples_mean']:.3f} [held-out {v['real_mean']:.3f}, training {v['floor_mean']:.3f}]"
+              f"  W1 {v['wasserstein']:.4f} [{v['floor_wasserstein']:.4f}]")
     lv = m["per_level"]
     if "skipped" in lv:
         print(f"  per level: skipped ({lv['skipped']})")
@@ -473,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classifier-free guidance weight: 0 unconditional, 1 conditional (default), >1 stronger")
     sp.add_argument("--steps", type=_positive_int, help="maskgit / upsampler: decoding passes (default: the prior's; "
                     "for the upsampler, its own: the layout prior keeps its default)")
+    sp.add_argument("--choice-temperature", type=float, help="maskgit / upsampler: noise on the ranking of the "
+                    "codes each pass keeps (default 4.5; 0: most probable first; 1e6: random order)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
     _opt_checkpoint(sp, paths=False)
     _add_run_options(sp)

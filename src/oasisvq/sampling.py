@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import time
 import warnings
@@ -47,8 +48,8 @@ def _coarse_prior(meta: dict[str, Any], which: str, dev: torch.device):
 def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
            temperature: float = 1.0, top_k: int = 0, seed: int = 0, cond: int | None = None, *,
            level: float | tuple[float, float] | None = None, guidance: float = 1.0, steps: int | None = None,
-           batch_size: int = 16, device: str = "auto", which: str = "best", prefix: str = "sample",
-           progress: bool = True) -> dict[str, Any]:
+           choice_temperature: float | None = None, batch_size: int = 16, device: str = "auto",
+           which: str = "best", prefix: str = "sample", progress: bool = True) -> dict[str, Any]:
     """Generate ``n`` slices: ``out/<prefix>_000.png``..., ``out/samples_grid.png`` and ``out/samples.json``.
 
     Same seed, settings, batch size and device give byte-identical PNGs. A conditional (level) prior draws
@@ -57,6 +58,9 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     classifier-free guidance weight (0: unconditional, 1: plain conditional, > 1: stronger). ``steps`` sets
     the decoding passes of a masked (MaskGIT) prior; for the upsampler, its own passes (the coarse prior
     keeps its default), and the coarse layouts equal the coarse prior's own samples for the same seed.
+    ``choice_temperature`` (masked priors, default 4.5) scales the noise that ranks which sampled codes a
+    pass keeps, for the coarse and the fine prior alike: 0 keeps the most probable, a large value (1e6)
+    keeps codes in random order (README "Decoding order").
     """
     from .training import pick_device
 
@@ -108,6 +112,12 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         if meta["prior_config"]["kind"] not in ("maskgit", "upsampler") or steps <= 0:
             raise ConfigError(f"steps {steps}: only maskgit and upsampler priors decode in steps (a positive number)")
         extra["steps"] = steps
+    ranking = {}  # for the coarse prior too: both rank the codes they keep
+    if choice_temperature is not None:
+        if meta["prior_config"]["kind"] not in ("maskgit", "upsampler") or not 0 <= choice_temperature < math.inf:
+            raise ConfigError(f"choice temperature {choice_temperature}: only maskgit and upsampler priors rank "
+                              "codes (a finite number >= 0)")
+        ranking["choice_temperature"] = choice_temperature
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     # The upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarse
@@ -134,12 +144,13 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             m = min(batch_size, n - b)
             c = None if conds is None else conds[b:b + m]
             if coarse_model is None:
-                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra)
+                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra,
+                                   **ranking)
             else:  # the coarse prior decodes in its own passes; `steps` are the upsampler's
                 top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
-                                          guidance=guidance)
+                                          guidance=guidance, **ranking)
                 idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=decode_uint8(coarse_vq, top),
-                                   **extra)
+                                   **extra, **ranking)
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0
@@ -156,6 +167,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
                title=f"{prior} prior, T={temperature}, top_k={top_k}, guidance={guidance}, seed={seed}")
     info = {"run": str(run_dir), "prior": prior, "which": which, "n": n, "temperature": temperature,
             "top_k": top_k, "seed": seed, "cond": cond, "level": level, "guidance": guidance, "steps": steps,
+            "choice_temperature": choice_temperature,
             "batch_size": batch_size, "device": str(dev), "files": names,
             "classes": None if conds is None else conds.cpu().tolist(), "levels": level_list,
             "seconds": seconds, "samples_per_second": n / seconds}

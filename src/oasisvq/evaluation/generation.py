@@ -384,12 +384,15 @@ def head_area(images: Any) -> np.ndarray:
 
 
 def anatomy_stats(images: Any, gmm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per image: head area (fraction of the slice) and CSF/grey/white fractions of the head."""
+    """Per image: head area (fraction of the slice), mean intensity inside the head (0 for an empty
+    slice; the tissue fractions alone hide an over-bright interior, README "Decoding order") and
+    CSF/grey/white fractions of the head."""
     images = _as_float_images(images)  # once: head_area takes the float tensor as it is
     x = images.numpy()[:, 0]
-    out: dict[str, list[float]] = {t: [] for t in TISSUES}
+    out: dict[str, list[float]] = {t: [] for t in ("head_intensity", *TISSUES)}
     for img in x:
         v = img[img > HEAD_THRESHOLD]
+        out["head_intensity"].append(float(v.mean()) if v.size else 0.0)
         counts = np.bincount(_assign(v, gmm), minlength=3) if v.size else np.zeros(3)
         for t, c in zip(TISSUES, counts):
             out[t].append(c / max(v.size, 1))
@@ -515,7 +518,7 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample
     an_s, an_r, an_t = anatomy_stats(s, gmm), anatomy_stats(real, gmm), anatomy_stats(floor_imgs, gmm)
     anatomy = {
         q: {"samples_mean": float(an_s[q].mean()), "real_mean": float(an_r[q].mean()),
-            "wasserstein": wasserstein_1d(an_s[q], an_r[q]), "floor_wasserstein": wasserstein_1d(an_t[q], an_r[q])}
+            "floor_mean": float(an_t[q].mean()), "wasserstein": wasserstein_1d(an_s[q], an_r[q]), "floor_wasserstein": wasserstein_1d(an_t[q], an_r[q])}
         for q in an_s
     }
     memo = memorisation_report(s, real_train, copy_threshold)
@@ -662,6 +665,6 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     near.update({"figure": "nearest_real.png", "oasis_acknowledged": oasis})
     report["heldout_split"] = split
     report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "level",
-                                                   "guidance", "steps", "device")}
+                                                   "guidance", "steps", "choice_temperature", "device")}
     atomic_write_text(samples_dir / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
     return report
