@@ -5,20 +5,18 @@ the head beside the held-out and the training slices'.
 
     python benchmarks/decoding_order.py RUN --out DIR [--prior upsampler] [--seeds 1 2 3] [--split validate]
 
-Writes DIR/<order>-s<seed>/ (samples and their metrics) and DIR/decoding_order.png: samples of both orders
+Writes DIR/<order>-s<seed>/ (samples and their samples_metrics.json) and DIR/decoding_order.png: samples of both orders
 at the same levels (first seed) above training slices at those levels. Prints one row per order.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from oasisvq import data, figures, sampling
-from oasisvq.checkpoint import atomic_write_text
 from oasisvq.config import RunConfig
 from oasisvq.download import OASIS_CREDIT
 from oasisvq.evaluation.generation import evaluate_sample_dir, read_sample_pngs, uses_oasis
@@ -50,17 +48,15 @@ def main(argv: list[str] | None = None) -> None:
             m = evaluate_sample_dir(a.run, out, a.split, cache_dir=a.cache_dir, progress=False)
             results.setdefault(order, []).append(m)
             print(f"{order} seed {seed}: two-sample {m['fidelity']['two_sample_accuracy']:.3f}", flush=True)
-    atomic_write_text(a.out / "decoding_order.json", json.dumps(
-        {o: [{"seed": s, "fidelity": m["fidelity"], "anatomy": m["anatomy"], "copies": m["memorisation"]["copies"]}
-             for s, m in zip(a.seeds, rows)] for o, rows in results.items()}, indent=2) + "\n")
 
     first = results["confidence"][0]
     f, light = first["fidelity"], first["anatomy"]["head_intensity"]
     print(f"\n{a.run}, {a.prior}, {a.split} subject, levels U(0,1), seeds {' / '.join(map(str, a.seeds))}\n")
     print(f"| decoding | two-sample [{f['two_sample_accuracy_floor']:.2f}; {f['two_sample_accuracy_decoded']:.2f}] "
           f"| precision [{f['precision_floor']:.2f}] | recall [{f['recall_floor']:.2f}] "
-          f"| Fréchet [{f['frechet_floor']:.0f}] | copies of {a.n} [held-out {first['memorisation']['copy_fraction_floor']:.0%}] | in-head intensity [held-out {light['real_mean']:.3f}; "
-          f"training {light['floor_mean']:.3f}] |")
+          f"| Fréchet [{f['frechet_floor']:.0f}] "
+          f"| copies of {a.n} [held-out {first['memorisation']['copy_fraction_floor']:.0%}] "
+          f"| in-head intensity [held-out {light['real_mean']:.3f}; training {light['floor_mean']:.3f}] |")
     print("|---|---|---|---|---|---|---|")
     columns = (("two_sample_accuracy", "{:.3f}"), ("precision", "{:.2f}"), ("recall", "{:.2f}"), ("frechet", "{:.0f}"))
     for order, rows in results.items():

@@ -108,13 +108,14 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     if guidance < 0 or (guidance != 1 and not k_cls):
         raise ConfigError(f"guidance {guidance}: needs a conditional prior and a weight >= 0")
     extra = {}
+    masked = meta["prior_config"]["kind"] in ("maskgit", "upsampler")  # the priors that decode in ranked passes
     if steps is not None:
-        if meta["prior_config"]["kind"] not in ("maskgit", "upsampler") or steps <= 0:
+        if not masked or steps <= 0:
             raise ConfigError(f"steps {steps}: only maskgit and upsampler priors decode in steps (a positive number)")
         extra["steps"] = steps
     ranking = {}  # for the coarse prior too: both rank the codes they keep
     if choice_temperature is not None:
-        if meta["prior_config"]["kind"] not in ("maskgit", "upsampler") or not 0 <= choice_temperature < math.inf:
+        if not masked or not 0 <= choice_temperature < math.inf:
             raise ConfigError(f"choice temperature {choice_temperature}: only maskgit and upsampler priors rank "
                               "codes (a finite number >= 0)")
         ranking["choice_temperature"] = choice_temperature

@@ -518,7 +518,8 @@ def evaluate_samples(samples: Any, real_heldout: Any, real_train: Any, *, sample
     an_s, an_r, an_t = anatomy_stats(s, gmm), anatomy_stats(real, gmm), anatomy_stats(floor_imgs, gmm)
     anatomy = {
         q: {"samples_mean": float(an_s[q].mean()), "real_mean": float(an_r[q].mean()),
-            "floor_mean": float(an_t[q].mean()), "wasserstein": wasserstein_1d(an_s[q], an_r[q]), "floor_wasserstein": wasserstein_1d(an_t[q], an_r[q])}
+            "floor_mean": float(an_t[q].mean()), "wasserstein": wasserstein_1d(an_s[q], an_r[q]),
+            "floor_wasserstein": wasserstein_1d(an_t[q], an_r[q])}
         for q in an_s
     }
     memo = memorisation_report(s, real_train, copy_threshold)
