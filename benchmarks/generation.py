@@ -39,7 +39,7 @@ from oasisvq.sampling import sample
 
 COLUMNS = [("run", "{}"), ("grid", "{}"), ("prior", "{}"), ("tok min", "{:.1f}"), ("prior min", "{:.1f}"),
            ("steps", "{}"), ("val bits", "{:.3f}"), ("SSIM", "{:.3f}"), ("in head", "{:.3f}"),
-           ("floor", "{:.3f}"), ("2-sample acc", "{}"), ("2-sample decoded", "{:.2f}"), ("precision", "{}"), ("recall", "{}"),
+           ("floor", "{:.3f}"), ("floor in head", "{:.3f}"), ("2-sample acc", "{}"), ("2-sample decoded", "{:.2f}"), ("precision", "{}"), ("recall", "{}"),
            ("density", "{}"), ("coverage", "{}"), ("Frechet", "{}"), ("near-empty", "{}"), ("copies", "{}"),
            ("samples/s", "{:.2f}")]
 
@@ -70,6 +70,7 @@ def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: f
         "tok min": tok.get("elapsed_s", float("nan")) / 60, "prior min": meta["elapsed_s"] / 60, "steps": meta["step"],
         "val bits": meta["best_val_bits"], "SSIM": rec["model"]["ssim"]["mean"],
         "in head": rec["model"]["ssim_head"]["mean"], "floor": rec["floors"][floor]["ssim"]["mean"],
+        "floor in head": rec["floors"][floor]["ssim_head"]["mean"],
         "2-sample acc": _pair(fid, "two_sample_accuracy"),
         "2-sample decoded": fid.get("two_sample_accuracy_decoded", float("nan")), "precision": _pair(fid, "precision"),
         "recall": _pair(fid, "recall"), "density": _pair(fid, "density"),

@@ -59,6 +59,7 @@ def main() -> None:
                          "slices": m["slices"], "ssim": m["model"]["ssim"]["mean"], "ssim_std": m["model"]["ssim"]["std"],
                          "ssim_head": m["model"]["ssim_head"]["mean"], "psnr": m["model"]["psnr"]["mean"],
                          "floor_ssim": m["floors"][floor]["ssim"]["mean"],
+                         "floor_ssim_head": m["floors"][floor]["ssim_head"]["mean"],
                          "black_ssim": m["floors"]["all_black"]["ssim"]["mean"],
                          "codes_used": m["codebook"]["codes_used"]})
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -66,12 +67,12 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name()}"
     print(f"\nmachine: {machine}")
     hdr = ("preset | grid | params | train img/s | budget min | held-out | n | SSIM mean +- std | SSIM in head | "
-           "PSNR dB | down-f-up SSIM | all-black SSIM | codes used")
+           "PSNR dB | down-f-up SSIM | down-f-up in head | all-black SSIM | codes used")
     print("| " + hdr + " |\n|" + "---|" * len(hdr.split("|")))
     for r in rows:
         print(f"| {r['preset']} | {r['grid']} | {r['params'] / 1e6:.2f}M | {r['img_per_s']:.1f} | {r['train_min']:g} | "
               f"{r['held_out']} | {r['slices']} | {r['ssim']:.4f} +- {r['ssim_std']:.4f} | {r['ssim_head']:.4f} | "
-              f"{r['psnr']:.2f} | {r['floor_ssim']:.4f} | {r['black_ssim']:.4f} | {r['codes_used']} |")
+              f"{r['psnr']:.2f} | {r['floor_ssim']:.4f} | {r['floor_ssim_head']:.4f} | {r['black_ssim']:.4f} | {r['codes_used']} |")
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 

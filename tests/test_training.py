@@ -122,6 +122,11 @@ def test_cli_train_and_evaluate_write_a_complete_run(tmp_path, session_cache, ca
     assert 0.15 < m["floors"]["all_black"]["ssim"]["mean"] < 0.6  # 0.25 at 64x64 (0.49 at 256)
     assert m["floors"]["down4x_up"]["ssim"]["mean"] > m["floors"]["all_black"]["ssim"]["mean"]
     assert m["model"]["ssim_head"]["mean"] < m["model"]["ssim"]["mean"]  # the background inflates whole-slice SSIM
+    # each verdict compares like with like: the floor's in-head SSIM is printed and judged beside the model's
+    floor_head = m["floors"]["down4x_up"]["ssim_head"]["mean"]
+    assert floor_head < m["floors"]["down4x_up"]["ssim"]["mean"]
+    assert m["beats_downup_floor_in_head"] == (m["model"]["ssim_head"]["mean"] > floor_head)
+    assert f"(inside head {floor_head:.4f})" in printed
 
 
 def test_stop_signal_on_an_evaluation_step_still_validates(tmp_path, session_cache, monkeypatch):

@@ -148,8 +148,8 @@ def cmd_evaluate(a) -> int:
           f"{m['bits_per_pixel']:.3f} bits/pixel")
     print(f"  SSIM whole slice {m['model']['ssim']['mean']:.4f} +- {m['model']['ssim']['std']:.4f}   "
           f"inside head {m['model']['ssim_head']['mean']:.4f}   PSNR {m['model']['psnr']['mean']:.2f} dB")
-    print(f"  floors: {floor} SSIM {m['floors'][floor]['ssim']['mean']:.4f}, "
-          f"all-black {m['floors']['all_black']['ssim']['mean']:.4f}")
+    print(f"  floors: {floor} SSIM {m['floors'][floor]['ssim']['mean']:.4f} (inside head "
+          f"{m['floors'][floor]['ssim_head']['mean']:.4f}), all-black {m['floors']['all_black']['ssim']['mean']:.4f}")
     print(f"  written to {a.out or Path(a.run) / f'eval-{a.split}'}")
     return 0
 

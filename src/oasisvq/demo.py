@@ -260,7 +260,8 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
         name = floor_name(m)
         _status(next(step), total, f"evaluate: held-out SSIM {m['model']['ssim']['mean']:.3f} ({verdict} 0.6), "
                                    f"in-head {m['model']['ssim_head']['mean']:.3f}; {name} floor "
-                                   f"{m['floors'][name]['ssim']['mean']:.3f}")
+                                   f"{m['floors'][name]['ssim']['mean']:.3f}, in-head "
+                                   f"{m['floors'][name]['ssim_head']['mean']:.3f}")
         return m
 
     train_tokeniser(cfg, layout_run, "train_vqvae")

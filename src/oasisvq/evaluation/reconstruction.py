@@ -83,6 +83,8 @@ def evaluate(run_dir: Path | str, data: list[str] | None = None, split: str = "t
             "all_black": {k: summarize([r[f"black_{k}"] for r in rows]) for k in ("ssim", "psnr", "mae")},
         },
         "beats_downup_floor": model_stats["ssim"]["mean"] > float(np.mean([r["downup_ssim"] for r in rows])),
+        "beats_downup_floor_in_head": model_stats["ssim_head"]["mean"] > float(np.mean([r["downup_ssim_head"]
+                                                                                       for r in rows])),
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     # The figure's three slices are reconstructed again rather than keeping every reconstruction in memory.
