@@ -104,7 +104,7 @@ def training_curves(metrics_csv: Path, path: Path, title: str = "training") -> P
             ok = np.isfinite(y)
             axes[1].plot(step[ok], y[ok], marker="o" if ok.sum() < 30 else None, ms=3, label="inside head")
             axes[1].legend(["whole slice", "inside head"], fontsize=7)
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)  # above the panels' own titles
         return save(fig, path)
 
 
