@@ -39,7 +39,8 @@ from oasisvq.sampling import sample
 
 COLUMNS = [("run", "{}"), ("grid", "{}"), ("prior", "{}"), ("tok min", "{:.1f}"), ("prior min", "{:.1f}"),
            ("steps", "{}"), ("val bits", "{:.3f}"), ("SSIM", "{:.3f}"), ("in head", "{:.3f}"),
-           ("floor", "{:.3f}"), ("floor in head", "{:.3f}"), ("2-sample acc", "{}"), ("2-sample decoded", "{:.2f}"), ("precision", "{}"), ("recall", "{}"),
+           ("floor", "{:.3f}"), ("floor in head", "{:.3f}"), ("2-sample acc", "{}"), ("2-sample decoded", "{:.2f}"),
+           ("precision", "{}"), ("recall", "{}"),
            ("density", "{}"), ("coverage", "{}"), ("Frechet", "{}"), ("near-empty", "{}"), ("copies", "{}"),
            ("samples/s", "{:.2f}")]
 

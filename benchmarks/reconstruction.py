@@ -58,7 +58,8 @@ def main() -> None:
             m = evaluate(run, data=[str(src)], split="test", out=run / f"eval-{src.name}", cache_dir=a.cache_dir,
                          progress=False)
             floor = next(k for k in m["floors"] if k.startswith("down"))
-            rows.append({"preset": preset, "ssim_weight": model.ssim_weight, "grid": f"{m['code_grid']}x{m['code_grid']}", "params": params,
+            rows.append({"preset": preset, "ssim_weight": model.ssim_weight,
+                         "grid": f"{m['code_grid']}x{m['code_grid']}", "params": params,
                          "img_per_s": ips, "train_min": a.minutes, "wall_min": round(wall / 60, 1), "held_out": name,
                          "slices": m["slices"], "ssim": m["model"]["ssim"]["mean"], "ssim_std": m["model"]["ssim"]["std"],
                          "ssim_head": m["model"]["ssim_head"]["mean"], "psnr": m["model"]["psnr"]["mean"],
@@ -70,13 +71,15 @@ def main() -> None:
     if torch.cuda.is_available() and a.device != "cpu":
         machine += f", {torch.cuda.get_device_name()}"
     print(f"\nmachine: {machine}")
-    hdr = ("preset | SSIM loss weight | grid | params | train img/s | budget min | held-out | n | SSIM mean +- std | SSIM in head | "
-           "PSNR dB | down-f-up SSIM | down-f-up in head | all-black SSIM | codes used")
+    hdr = ("preset | SSIM loss weight | grid | params | train img/s | budget min | held-out | n | SSIM mean +- std | "
+           "SSIM in head | PSNR dB | down-f-up SSIM | down-f-up in head | all-black SSIM | codes used")
     print("| " + hdr + " |\n|" + "---|" * len(hdr.split("|")))
     for r in rows:
-        print(f"| {r['preset']} | {r['ssim_weight']:g} | {r['grid']} | {r['params'] / 1e6:.2f}M | {r['img_per_s']:.1f} | {r['train_min']:g} | "
+        print(f"| {r['preset']} | {r['ssim_weight']:g} | {r['grid']} | {r['params'] / 1e6:.2f}M | {r['img_per_s']:.1f} | "
+              f"{r['train_min']:g} | "
               f"{r['held_out']} | {r['slices']} | {r['ssim']:.4f} +- {r['ssim_std']:.4f} | {r['ssim_head']:.4f} | "
-              f"{r['psnr']:.2f} | {r['floor_ssim']:.4f} | {r['floor_ssim_head']:.4f} | {r['black_ssim']:.4f} | {r['codes_used']} |")
+              f"{r['psnr']:.2f} | {r['floor_ssim']:.4f} | {r['floor_ssim_head']:.4f} | {r['black_ssim']:.4f} | "
+              f"{r['codes_used']} |")
     (a.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 

@@ -196,7 +196,7 @@ def _build(kind: type, values: dict[str, Any], section: str):
 # Named model presets: the CPU one is sized for a 2-core laptop, the GPU one for quality.
 PRESETS: dict[str, dict[str, Any]] = {
     # cpu: SSIM weight 0.5, not 0.1: held-out SSIM, in-head SSIM and PSNR all higher at 30 minutes (README,
-    # Reconstruction); the 16x16 preset keeps 0.1, with which the demo's tokeniser left its first state
+    # Reconstruction). cpu-f16 keeps 0.1: at 0.5 the demo's 16x16 tokeniser never left its first state.
     "cpu": {"downsample": 4, "channels": (16, 32), "hidden": 96, "res_blocks": 2, "num_codes": 512, "code_dim": 32,
             "ssim_weight": 0.5},
     "cpu-f8": {"downsample": 8, "channels": (32, 64, 128), "hidden": 128, "res_blocks": 2,
