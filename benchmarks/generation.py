@@ -32,7 +32,7 @@ import torch
 from oasisvq.checkpoint import load_checkpoint
 from oasisvq.demo import MARKER, PRIOR, run_demo
 from oasisvq.errors import OasisVQError
-from oasisvq.evaluation import evaluate, evaluate_sample_dir
+from oasisvq.evaluation import evaluate, evaluate_sample_dir, floor_name
 from oasisvq.evaluation.generation import FEATURES_VERSION
 from oasisvq.prior import prior_dir, train_prior
 from oasisvq.sampling import sample
@@ -64,7 +64,7 @@ def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: f
     prior's checkpoint metadata (``meta``, read here if not given)."""
     tok = load_checkpoint(run / "checkpoints" / "last.safetensors")[1]
     meta = meta or load_checkpoint(prior_dir(run, kind) / "last.safetensors")[1]
-    floor = next(k for k in rec["floors"] if k.startswith("down"))
+    floor = floor_name(rec)
     fid, mem = rep["fidelity"], rep["memorisation"]
     return {
         "run": name, "grid": f"{rec['code_grid']}x{rec['code_grid']}", "prior": kind,

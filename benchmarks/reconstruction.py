@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
-from oasisvq.evaluation import evaluate
+from oasisvq.evaluation import evaluate, floor_name
 from oasisvq.tokenizer import load_model, train
 
 DATA = Path(os.environ.get("OASISVQ_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -57,7 +57,7 @@ def main() -> None:
         for name, src in (("t88 test", t88), ("volume test subject", vols)):
             m = evaluate(run, data=[str(src)], split="test", out=run / f"eval-{src.name}", cache_dir=a.cache_dir,
                          progress=False)
-            floor = next(k for k in m["floors"] if k.startswith("down"))
+            floor = floor_name(m)
             rows.append({"preset": preset, "ssim_weight": model.ssim_weight,
                          "grid": f"{m['code_grid']}x{m['code_grid']}", "params": params,
                          "img_per_s": ips, "train_min": a.minutes, "wall_min": round(wall / 60, 1), "held_out": name,

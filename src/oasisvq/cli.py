@@ -138,12 +138,12 @@ def cmd_train(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, floor_name
 
     m = evaluate(a.run, data=a.data, split=a.split, out=a.out, which=a.checkpoint, device=a.device,
                  cache_dir=a.cache_dir, progress=not a.no_progress)
     f = m["code_grid"]
-    floor = next(k for k in m["floors"] if k.startswith("down"))
+    floor = floor_name(m)
     print(f"{m['slices']} {a.split} slices of {m['subjects']} subjects, code grid {f}x{f}, "
           f"{m['bits_per_pixel']:.3f} bits/pixel")
     print(f"  SSIM whole slice {m['model']['ssim']['mean']:.4f} +- {m['model']['ssim']['std']:.4f}   "

@@ -159,11 +159,6 @@ def two_level_split(minutes: float) -> tuple[float, float, float, float]:
     return 0.15 * training, 0.16 * training, 0.24 * training, 0.45 * training
 
 
-def floor_name(m: dict) -> str:
-    """The down-f-up floor's key in an evaluation's metrics (f: the run's downsampling)."""
-    return next(k for k in m["floors"] if k.startswith("down"))
-
-
 def _status(i: int, total: int, text: str) -> None:
     tqdm.write(f"[{i}/{total}] {text}")
 
@@ -185,7 +180,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
 
     ``two_level`` adds the detail stage (a 64x64 VQ-VAE and an upsampler over its codes, given the 16x16
     codes); by default it is on for CPU budgets of ``TWO_LEVEL_MINUTES`` or more."""
-    from .evaluation import evaluate, evaluate_sample_dir
+    from .evaluation import evaluate, evaluate_sample_dir, floor_name
     from .prior import train_prior
     from .report import machine_description, write_report
     from .sampling import sample

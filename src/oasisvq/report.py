@@ -26,6 +26,7 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .config import RunConfig
 from .errors import CheckpointError, OasisVQError
 from .evaluation.generation import uses_oasis
+from .evaluation.reconstruction import floor_name
 
 
 class _Doc:
@@ -139,7 +140,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
     # -- reconstruction
     d.h(2, "Reconstruction on held-out test slices")
     if evals:
-        floor = next(k for k in evals["floors"] if k.startswith("down"))
+        floor = floor_name(evals)
         mm, fl, bl = evals["model"], evals["floors"][floor], evals["floors"]["all_black"]
         d.p(f"{evals['slices']} test slices of {evals['subjects']} subject(s); code grid {evals['code_grid']}x"
             f"{evals['code_grid']} of {evals['num_codes']} codes = {evals['bits_per_pixel']:.3f} bits per pixel. "

@@ -32,6 +32,11 @@ from ..training import pick_device
 PER_SLICE_KEYS = ["ssim", "psnr", "mae", "ssim_head", "psnr_head", "mae_head"]
 
 
+def floor_name(metrics: dict) -> str:
+    """The down-f-up floor's key (f: the run's downsampling) in ``evaluate``'s metrics."""
+    return next(k for k in metrics["floors"] if k.startswith("down"))
+
+
 def evaluate(run_dir: Path | str, data: list[str] | None = None, split: str = "test", out: Path | str | None = None,
              which: str = "best", device: str = "auto", batch_size: int = 32, cache_dir: Path | str | None = None,
              progress: bool = True) -> dict:
