@@ -107,6 +107,24 @@ def test_decoding_defaults_to_decode_steps_and_is_reproducible():
         model.sample(1, (5, 4))  # larger than the trained grid
 
 
+def test_given_codes_stay_and_only_the_masked_ones_are_drawn_in_the_given_passes():
+    model = _model(decode_steps=8)
+    passes = []
+    model.head.register_forward_hook(lambda *_: passes.append(1))
+    given = torch.randint(0, 6, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    draw = torch.zeros(3, 16, dtype=torch.bool)
+    draw[0, [0, 5, 9]] = draw[1, [2, 3, 15]] = draw[2, [7, 8, 12]] = True
+    draw = draw.view(3, 4, 4)
+    out = model.sample(3, (4, 4), generator=torch.Generator().manual_seed(1), given=given.masked_fill(draw, model.mask_id))
+    assert len(passes) == 3  # at most one pass per code to draw
+    assert torch.equal(out[~draw], given[~draw]) and bool((out[draw] < model.mask_id).all())
+    assert torch.equal(model.sample(3, (4, 4), given=given), given)  # nothing to draw
+    ragged = given.clone()
+    ragged[0, 0, 0] = model.mask_id
+    with pytest.raises(ValueError, match="as many positions"):
+        model.sample(3, (4, 4), given=ragged)
+
+
 def test_loss_counts_only_the_masked_positions():
     model = _model(num_classes=3).train()
     inputs, logits = [], []

@@ -534,19 +534,30 @@ class MaskedPrior(Prior):
     @torch.no_grad()
     def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
                generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
-               guidance: float = 1.0, steps: int | None = None, choice_temperature: float = 4.5
-               ) -> torch.Tensor:
-        """Parallel decoding in ``steps`` passes (default ``decode_steps``, at most h*w). Each pass samples
-        every masked code; the kept ones are the most confident by log-probability plus Gumbel noise
-        scaled by ``choice_temperature``, annealed to 0 (MaskGIT's randomised top-k)."""
+               guidance: float = 1.0, steps: int | None = None, choice_temperature: float = 4.5,
+               given: torch.Tensor | None = None) -> torch.Tensor:
+        """Parallel decoding in ``steps`` passes (default ``decode_steps``, at most the codes to draw). Each
+        pass samples every masked code; the kept ones are the most confident by log-probability plus Gumbel
+        noise scaled by ``choice_temperature``, annealed to 0 (MaskGIT's randomised top-k). ``given``
+        (n, h, w) fixes codes and draws only where it holds ``mask_id`` (as many positions in every grid)."""
         h, w = grid_hw
-        length = h * w
+        dev = self.tok.weight.device
+        if given is None:
+            seq = torch.full((n, h * w), self.mask_id, dtype=torch.long, device=dev)
+        else:
+            if given.shape != (n, h, w):
+                raise ValueError(f"given codes of shape {tuple(given.shape)} are not ({n}, {h}, {w})")
+            seq = given.reshape(n, h * w).to(dev, torch.long, copy=True)
+        to_draw = (seq == self.mask_id).sum(1)
+        if not torch.all(to_draw == to_draw[0]):
+            raise ValueError("given codes must leave as many positions to draw in every grid")
+        length = int(to_draw[0])  # the schedule runs over the codes to draw
+        if length == 0:
+            return seq.view(n, h, w)
         steps = min(self.decode_steps if steps is None else steps, length)
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
         conds, both = self._guided_cond(cond, n, guidance)
-        dev = self.tok.weight.device
-        seq = torch.full((n, length), self.mask_id, dtype=torch.long, device=dev)
         for s in range(steps):
             masked = seq == self.mask_id
             logits = self._mix(self._run(_twice(seq, both), h, w, conds), n, guidance, both)
@@ -556,8 +567,8 @@ class MaskedPrior(Prior):
             keep_masked = masked_count(s + 1, steps, length)  # the same for every grid
             if keep_masked == 0:
                 break  # the last pass: every code is filled
-            conf = torch.full((n, length), math.inf, device=dev)  # codes fixed earlier are never re-masked
-            gumbel = -torch.log(-torch.log(torch.rand(n, length, generator=generator, device=dev)))
+            conf = torch.full((n, h * w), math.inf, device=dev)  # codes fixed earlier are never re-masked
+            gumbel = -torch.log(-torch.log(torch.rand(n, h * w, generator=generator, device=dev)))
             log_p = torch.log_softmax(logits, -1).gather(1, codes[:, None]).squeeze(1)
             conf[masked] = log_p + choice_temperature * (1 - (s + 1) / steps) * gumbel[masked]
             seq.scatter_(1, conf.topk(keep_masked, dim=1, largest=False).indices, self.mask_id)
