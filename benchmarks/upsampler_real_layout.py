@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         rows += [layout[:, 0].numpy(), decode_uint8(fine, real_codes)[:, 0].numpy()]
         names += ["coarse recon (read)", "fine recon (target)"]
         for i, (run, (prior, m), vq) in enumerate(zip(a.runs, priors, decoders)):
-            codes = prior.sample(len(pick), tuple(m["grid"]), generator=torch.Generator().manual_seed(a.seed),
-                                 cond=layout, **draw)
+            gen = torch.Generator().manual_seed(a.seed)
+            codes = prior.sample(len(pick), tuple(m["grid"]), generator=gen, cond=layout, **draw)
+            if i == 0:
+                first_codes, first_gen = codes, gen  # the sweeps start from this draw and stream
             rows.append(decode_uint8(vq, codes)[:, 0].numpy())
             names.append(a.labels[i] if a.labels else f"upsampled, {m['step']} steps")
             print(f"{run}: upsampler at {m['step']} steps, best validation bits {m['best_val_bits']:.3f}")
@@ -106,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                                                         decode_uint8(coarse, coarse.encode(every_fourth)), a.seed):
                 print(f"  {ratio:10.2f} | {bits:20.3f} | {head:.3f}")
         prior, m = priors[0]
-        gen = torch.Generator().manual_seed(a.seed)
-        codes = prior.sample(len(pick), tuple(m["grid"]), generator=gen, cond=layout, **draw)
+        codes, gen = first_codes, first_gen
         done = 0
         for sweeps in sorted(a.resweeps):
             for _ in range(sweeps - done):
