@@ -6,8 +6,8 @@ Separates the upsampler's share of the samples' look from the coarse prior's.
     python benchmarks/upsampler_real_layout.py RUN [RUN ...] --out FIGURE.png [--split validate] [--labels L ...]
         [--given F ...] [--resweeps N ...] [--resweep-share S] [--steps P] [--choice-temperature C]
 
-Each RUN holds a 64x64 VQ-VAE and an upsampler prior trained on the same coarse run (the first run's
-coarse run and fine VQ-VAE draw the rows above). One slice of the split's first subject nearest each of
+Each RUN holds a 64x64 VQ-VAE and an upsampler prior; each reads the real layout through its own coarse
+run (a row per coarse run shows what it reads; the first run's fine VQ-VAE draws the target row). One slice of the split's first subject nearest each of
 ``--levels``; fine codes drawn at temperature 1 in the upsampler's default passes, seed ``--seed``.
 ``--given F`` adds, for the first run, a row per F with that share of the slice's *real* fine codes kept
 (at random positions) and only the rest drawn: how much real detail the upsampler needs before it draws
@@ -34,6 +34,11 @@ from oasisvq.prior import decode_uint8, load_prior
 from oasisvq.tokenizer import load_model
 
 RATIOS = (0.05, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def grid_name(vq, x: torch.Tensor) -> str:
+    h, w = vq.encode(x[:1]).shape[1:]
+    return f"{h}x{w}"
 
 
 def keep_share(codes: torch.Tensor, share: float, mask_id: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--given shares must be in [0, 1) and --resweep-share in (0, 1]")
     dev = torch.device("cpu")
     priors = [load_prior(run, "upsampler", "best", dev) for run in a.runs]
-    coarse, _ = load_model(priors[0][1]["prior_config"]["coarse_run"], "best")
+    coarse_runs = list(dict.fromkeys(m["prior_config"]["coarse_run"] for _, m in priors))  # in order, once each
+    coarse = {path: load_model(path, "best")[0] for path in coarse_runs}
     fine, cfg = load_model(a.runs[0], "best")
     decoders = [fine] + [load_model(run, "best")[0] for run in a.runs[1:]]  # each run's 64x64 VQ-VAE, once
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
@@ -91,11 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     rows, names = [real], ["real"]
     draw = {"steps": a.steps, "choice_temperature": a.choice_temperature}
     with torch.no_grad():
-        layout = decode_uint8(coarse, coarse.encode(x))
+        layouts = {path: decode_uint8(vq, vq.encode(x)) for path, vq in coarse.items()}
         real_codes = fine.encode(x)
-        rows += [layout[:, 0].numpy(), decode_uint8(fine, real_codes)[:, 0].numpy()]
-        names += ["coarse recon (read)", "fine recon (target)"]
+        for path, layout in layouts.items():
+            rows.append(layout[:, 0].numpy())
+            names.append("coarse recon (read)" if len(layouts) == 1 else
+                         f"{grid_name(coarse[path], x)} coarse recon (read)")
+        rows.append(decode_uint8(fine, real_codes)[:, 0].numpy())
+        names.append("fine recon (target)")
         for i, (run, (prior, m), vq) in enumerate(zip(a.runs, priors, decoders)):
+            below = coarse[m["prior_config"]["coarse_run"]]
+            layout = layouts[m["prior_config"]["coarse_run"]]
             gen = torch.Generator().manual_seed(a.seed)
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=gen, cond=layout, **draw)
             if i == 0:
@@ -105,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run}: upsampler at {m['step']} steps, best validation bits {m['best_val_bits']:.3f}")
             print("  mask ratio | bits per masked code | inside the head (not the background code)")
             for ratio, bits, head in bits_by_mask_ratio(prior, vq.encode(every_fourth),
-                                                        decode_uint8(coarse, coarse.encode(every_fourth)), a.seed):
+                                                        decode_uint8(below, below.encode(every_fourth)), a.seed):
                 print(f"  {ratio:10.2f} | {bits:20.3f} | {head:.3f}")
         prior, m = priors[0]
+        layout = layouts[m["prior_config"]["coarse_run"]]
         codes, gen = first_codes, first_gen
         done = 0
         for sweeps in sorted(a.resweeps):

@@ -193,3 +193,33 @@ def test_upsampler_refuses_a_coarse_run_of_other_slices(two_runs, tmp_path):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(other))
     with pytest.raises(ConfigError, match="not coarser"):
         prior.train_prior(fine, "upsampler", epochs=1, progress=False, coarse_run=str(fine))
+
+
+def test_a_cascade_of_upsamplers_samples_through_every_level(two_runs, tmp_path, monkeypatch):
+    """16x -> 8x -> 4x downsampling: the finest upsampler's coarse run holds an upsampler itself. Its middle
+    grids are those the middle run draws alone with the same seed (each upsampler has its own stream)."""
+    mid, coarse = two_runs
+    finest = make_run(tmp_path / "finest", 4, FINE)
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    small = {"width": 16, "layers": 2, "batch_size": 4}
+    prior.train_prior(mid, "upsampler", epochs=1, progress=False, coarse_run=str(coarse), **small)
+    prior.train_prior(finest, "upsampler", epochs=1, progress=False, coarse_run=str(mid), coarse_prior="upsampler",
+                      **small)
+
+    drawn = []  # every upsampler's grids, in the order drawn
+    draw = UpsamplerPrior.sample
+    monkeypatch.setattr(UpsamplerPrior, "sample", lambda *a, **kw: drawn.append(draw(*a, **kw)) or drawn[-1])
+    info = sampling.sample(finest, "upsampler", n=3, out=tmp_path / "s", level=(0.2, 0.6), seed=4, batch_size=2,
+                           progress=False)
+    assert [tuple(g.shape[1:]) for g in drawn] == [(4, 4), (8, 8)] * 2  # per batch: middle, then finest
+    middle, drawn[:] = torch.cat(drawn[0::2]), []
+    alone = sampling.sample(mid, "upsampler", n=3, out=tmp_path / "m", level=(0.2, 0.6), seed=4, batch_size=2,
+                            progress=False)
+    assert torch.equal(torch.cat(drawn), middle) and alone["levels"] == info["levels"]
+    assert len(info["files"]) == 3 and all(0.2 <= v <= 0.6 for v in info["levels"])
+
+    path = coarse / "checkpoints" / "best.safetensors"  # a change two levels down is found too
+    tensors, cmeta = load_checkpoint(path)
+    save_checkpoint(path, {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, cmeta)
+    with pytest.raises(CheckpointError, match=f"{coarse}: its VQ-VAE changed after the upsampler"):
+        sampling.sample(finest, "upsampler", n=1, out=tmp_path / "u", progress=False)

@@ -449,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="maskgit / upsampler: parallel decoding passes (default 12; upsampler 32)")
     tp.add_argument("--coarse", type=Path, metavar="COARSE_RUN",
                     help="upsampler: a run with a coarser code grid on the same slices, whose prior draws the layout")
-    tp.add_argument("--coarse-prior", choices=[k for k in PRIOR_KINDS if k != "upsampler"],
-                    help="upsampler: the coarse run's prior kind that samples the coarse codes (default maskgit)")
+    tp.add_argument("--coarse-prior", choices=PRIOR_KINDS,
+                    help="upsampler: the coarse run's prior kind that samples the coarse codes (default maskgit; "
+                         "upsampler: a cascade of levels)")
     tp.add_argument("--lr", type=_positive_float)
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)

@@ -30,19 +30,26 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _coarse_prior(meta: dict[str, Any], which: str, dev: torch.device):
-    """The prior that samples an upsampler's coarse codes and the VQ-VAE that decodes them, checked against
-    the one the upsampler was trained on."""
-    pcfg = meta["prior_config"]
-    coarse_run = Path(pcfg["coarse_run"])
-    if fingerprint(coarse_run) != meta.get("coarse_vqvae"):
-        raise CheckpointError(f"{coarse_run}: its VQ-VAE changed after the upsampler was trained on its codes; "
-                              "train the upsampler again")
-    model, cmeta = load_prior(coarse_run, pcfg["coarse_prior"], which, dev)
-    if cmeta.get("vqvae") != meta["coarse_vqvae"]:
-        raise CheckpointError(f"{prior_dir(coarse_run, pcfg['coarse_prior'])}: this prior belongs to another "
-                              f"VQ-VAE than the one the upsampler was trained on; train it again")
-    return model, cmeta, open_run(coarse_run, dev)[0]
+def _coarse_chain(meta: dict[str, Any], which: str, dev: torch.device) -> list[tuple[Any, dict[str, Any], Any]]:
+    """The priors below an upsampler, coarsest first, each with its metadata and the VQ-VAE that decodes its
+    codes, each checked against the one the prior above it was trained on. An upsampler's coarse run may hold
+    an upsampler itself (a cascade, e.g. 16x16 -> 32x32 -> 64x64): the chain then goes on down."""
+    chain: list[tuple[Any, dict[str, Any], Any]] = []
+    while meta["prior_config"]["kind"] == "upsampler":
+        pcfg = meta["prior_config"]
+        coarse_run = Path(pcfg["coarse_run"])
+        if fingerprint(coarse_run) != meta.get("coarse_vqvae"):
+            raise CheckpointError(f"{coarse_run}: its VQ-VAE changed after the upsampler was trained on its codes; "
+                                  "train the upsampler again")
+        model, cmeta = load_prior(coarse_run, pcfg["coarse_prior"], which, dev)
+        if cmeta.get("vqvae") != meta["coarse_vqvae"]:
+            raise CheckpointError(f"{prior_dir(coarse_run, pcfg['coarse_prior'])}: this prior belongs to another "
+                                  f"VQ-VAE than the one the upsampler was trained on; train it again")
+        if len(chain) >= 8:
+            raise CheckpointError(f"{coarse_run}: more than 8 upsamplers in a chain; do their coarse runs loop?")
+        chain.insert(0, (model, cmeta, open_run(coarse_run, dev)[0]))
+        meta = cmeta
+    return chain
 
 
 def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
@@ -92,11 +99,9 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             f"{prior_dir(run_dir, prior) / (which + '.safetensors')}: this prior was trained for "
             f"{meta.get('num_codes')} codes on {meta.get('image_size')}px slices but the run's VQ-VAE has "
             f"{vq.cfg.num_codes} codes on {vq_cfg.data.size}px slices; train the prior again")
-    coarse_model = None
-    if meta["prior_config"]["kind"] == "upsampler":  # the coarse prior draws the layout and takes the level
-        coarse_model, cond_meta, coarse_vq = _coarse_prior(meta, which, dev)
-    else:
-        cond_meta = meta
+    # Below an upsampler: the coarsest prior draws the layout and takes the level, upsamplers refine it.
+    chain = _coarse_chain(meta, which, dev)
+    cond_meta = chain[0][1] if chain else meta
     k_cls = cond_meta["prior_config"]["num_classes"]
     if cond is not None and not k_cls:
         raise ConfigError(f"the {prior} prior of {run_dir} is unconditional; drop cond (or train with num_classes)")
@@ -121,9 +126,9 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         ranking["choice_temperature"] = choice_temperature
 
     gen = torch.Generator(device=dev).manual_seed(seed)
-    # The upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarse
-    # prior alone draws with the same seed and batch size: the two compare sample by sample.
-    detail_gen = torch.Generator(device=dev).manual_seed(seed ^ DETAIL_SEED)
+    # Each upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarser
+    # priors alone draw with the same seed and batch size: a cascade compares with its parts sample by sample.
+    detail_gens = [torch.Generator(device=dev).manual_seed((seed ^ DETAIL_SEED) + depth) for depth in range(len(chain))]
     conds = levels = None
     if k_cls:
         if level is not None:
@@ -144,14 +149,17 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         for b in range(0, n, batch_size):
             m = min(batch_size, n - b)
             c = None if conds is None else conds[b:b + m]
-            if coarse_model is None:
+            if not chain:
                 idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra,
                                    **ranking)
-            else:  # the coarse prior decodes in its own passes; `steps` are the upsampler's
-                top = coarse_model.sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
-                                          guidance=guidance, **ranking)
-                idx = model.sample(m, grid, temperature, top_k, generator=detail_gen, cond=decode_uint8(coarse_vq, top),
-                                   **extra, **ranking)
+            else:  # the coarser priors decode in their own passes; `steps` are the finest upsampler's
+                idx = chain[0][0].sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
+                                         guidance=guidance, **ranking)
+                above = [stage[:2] for stage in chain[1:]] + [(model, meta)]
+                for depth, ((_, _, below_vq), (upsampler, umeta)) in enumerate(zip(chain, above)):
+                    idx = upsampler.sample(m, tuple(umeta["grid"]), temperature, top_k, generator=detail_gens[depth],
+                                           cond=decode_uint8(below_vq, idx), **(extra if upsampler is model else {}),
+                                           **ranking)
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0
