@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         for path, layout in layouts.items():
             rows.append(layout[:, 0].numpy())
             names.append("coarse recon (read)" if len(layouts) == 1 else
-                         f"{grid_name(coarse[path], x)} coarse recon (read)")
+                         f"{grid_name(coarse[path], x)} recon (read)")
         rows.append(decode_uint8(fine, real_codes)[:, 0].numpy())
         names.append("fine recon (target)")
         for i, (run, (prior, m), vq) in enumerate(zip(a.runs, priors, decoders)):
