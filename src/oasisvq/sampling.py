@@ -45,8 +45,6 @@ def _coarse_chain(meta: dict[str, Any], which: str, dev: torch.device) -> list[t
         if cmeta.get("vqvae") != meta["coarse_vqvae"]:
             raise CheckpointError(f"{prior_dir(coarse_run, pcfg['coarse_prior'])}: this prior belongs to another "
                                   f"VQ-VAE than the one the upsampler was trained on; train it again")
-        if len(chain) >= 8:
-            raise CheckpointError(f"{coarse_run}: more than 8 upsamplers in a chain; do their coarse runs loop?")
         chain.insert(0, (model, cmeta, open_run(coarse_run, dev)[0]))
         meta = cmeta
     return chain
@@ -101,7 +99,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             f"{vq.cfg.num_codes} codes on {vq_cfg.data.size}px slices; train the prior again")
     # Below an upsampler: the coarsest prior draws the layout and takes the level, upsamplers refine it.
     chain = _coarse_chain(meta, which, dev)
-    cond_meta = chain[0][1] if chain else meta
+    stages = chain + [(model, meta, vq)]
+    cond_meta = stages[0][1]
     k_cls = cond_meta["prior_config"]["num_classes"]
     if cond is not None and not k_cls:
         raise ConfigError(f"the {prior} prior of {run_dir} is unconditional; drop cond (or train with num_classes)")
@@ -141,7 +140,6 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             conds = torch.full((n,), cond, dtype=torch.long, device=dev)
         if levels is None:  # the middle of each level class
             levels = (conds.float() + 0.5) / k_cls
-    grid = tuple(meta["grid"])
     out.mkdir(parents=True, exist_ok=True)
     images = []
     t0 = time.perf_counter()
@@ -149,17 +147,17 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         for b in range(0, n, batch_size):
             m = min(batch_size, n - b)
             c = None if conds is None else conds[b:b + m]
-            if not chain:
-                idx = model.sample(m, grid, temperature, top_k, generator=gen, cond=c, guidance=guidance, **extra,
-                                   **ranking)
-            else:  # the coarser priors decode in their own passes; `steps` are the finest upsampler's
-                idx = chain[0][0].sample(m, tuple(cond_meta["grid"]), temperature, top_k, generator=gen, cond=c,
-                                         guidance=guidance, **ranking)
-                above = [stage[:2] for stage in chain[1:]] + [(model, meta)]
-                for depth, ((_, _, below_vq), (upsampler, umeta)) in enumerate(zip(chain, above)):
-                    idx = upsampler.sample(m, tuple(umeta["grid"]), temperature, top_k, generator=detail_gens[depth],
-                                           cond=decode_uint8(below_vq, idx), **(extra if upsampler is model else {}),
-                                           **ranking)
+            # coarsest first; each upsampler reads the image of the codes below it. The coarser priors
+            # decode in their own passes: `steps` are the finest prior's.
+            for depth, (stage, stage_meta, _) in enumerate(stages):
+                passes = extra if depth == len(chain) else {}
+                if depth == 0:
+                    idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, generator=gen, cond=c,
+                                       guidance=guidance, **passes, **ranking)
+                else:
+                    idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k,
+                                       generator=detail_gens[depth - 1], cond=decode_uint8(stages[depth - 1][2], idx),
+                                       **passes, **ranking)
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0
