@@ -203,8 +203,8 @@ def test_a_cascade_of_upsamplers_samples_through_every_level(two_runs, tmp_path,
     prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
     small = {"width": 16, "layers": 2, "batch_size": 4}
     prior.train_prior(mid, "upsampler", epochs=1, progress=False, coarse_run=str(coarse), **small)
-    prior.train_prior(finest, "upsampler", epochs=1, progress=False, coarse_run=str(mid), coarse_prior="upsampler",
-                      **small)
+    assert main(["train-prior", str(finest), "--kind", "upsampler", "--coarse", str(mid), "--coarse-prior", "upsampler",
+                 "--epochs", "1", "--width", "16", "--layers", "2", "--batch-size", "4", "--no-progress"]) == 0
 
     drawn = []  # every upsampler's grids, in the order drawn
     draw = UpsamplerPrior.sample
