@@ -219,6 +219,13 @@ def test_cli_commands(run, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "s").glob("sample_*.png")) == [f"sample_00{i}.png" for i in range(3)]
     assert main(["evaluate-samples", str(run), str(tmp_path / "s"), "--device", "cpu", "--no-progress"]) == 0
     assert "Frechet" in capsys.readouterr().out
+    written = (tmp_path / "s" / "samples_metrics.json").read_bytes()
+    # one folder per split: --out keeps the samples folder's own metrics as they were
+    assert main(["evaluate-samples", str(run), str(tmp_path / "s"), "--split", "validate", "--out",
+                 str(tmp_path / "s-validate"), "--device", "cpu", "--no-progress"]) == 0
+    assert (tmp_path / "s" / "samples_metrics.json").read_bytes() == written
+    assert json.loads((tmp_path / "s-validate" / "samples_metrics.json").read_text())["heldout_split"] == "validate"
+    assert (tmp_path / "s-validate" / "nearest_real.png").is_file()
 
 
 def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp_path, monkeypatch):

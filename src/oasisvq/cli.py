@@ -199,7 +199,7 @@ def cmd_evaluate_samples(a) -> int:
 
     m = evaluate_sample_dir(a.run, a.samples, split=a.split, max_real=a.max_real,
                             copy_threshold=a.copy_threshold, device=a.device, cache_dir=a.cache_dir,
-                            seed=a.seed, progress=not a.no_progress)
+                            seed=a.seed, progress=not a.no_progress, out=a.out)
     f, d, mem, e = m["fidelity"], m["diversity"], m["memorisation"], m["empty"]
     both = lambda q, fmt=".3f": f"{f[q]:{fmt}} [{f[q + '_floor']:{fmt}}]"
     print(f"{m['n_samples']} samples vs {m['n_real_heldout']} real {a.split} slices; in brackets the real-vs-real "
@@ -488,12 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
         "feature space (comparable across runs), near-empty samples, diversity, memorisation and anatomy of the "
         "samples in a folder against the run's held-out slices, each beside a real-vs-real floor (training vs "
         "held-out subjects), per slice level where known; writes samples_metrics.json and nearest_real.png "
-        "there."))
+        "there (or in --out)."))
     _arg_run(es)
     es.add_argument("samples", type=Path, help="folder written by `oasisvq sample`")
     es.add_argument("--split", default="test", choices=["validate", "test"], help="held-out real slices")
     es.add_argument("--max-real", type=_positive_int, default=1000)
     es.add_argument("--copy-threshold", type=float, default=0.95, help="SSIM above which a sample is a copy")
+    es.add_argument("--out", type=Path, help="folder for the metrics and figure (default: the samples folder)")
     es.add_argument("--seed", type=int, default=0)
     _add_run_options(es, cache=True)
     es.set_defaults(func=cmd_evaluate_samples)

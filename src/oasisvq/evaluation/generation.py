@@ -626,12 +626,13 @@ def nearest_real_figure(samples: np.ndarray, real: np.ndarray, index: Any, dista
 
 def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str = "test",
                         max_real: int = 1000, copy_threshold: float = 0.95, device: str = "auto",
-                        cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True
-                        ) -> dict[str, Any]:
+                        cache_dir: Path | str | None = None, seed: int = 0, progress: bool = True,
+                        out: Path | str | None = None) -> dict[str, Any]:
     """Generation metrics of the samples in ``samples_dir`` against the run's ``split`` slices (at most
     ``max_real``, a seeded subset) and its training slices, with the floor also through the run's tokeniser
-    (the decoded floor, see :func:`evaluate_samples`); written to ``samples_dir/samples_metrics.json``
-    with the figure ``samples_dir/nearest_real.png``. Features run on ``device`` in float64."""
+    (the decoded floor, see :func:`evaluate_samples`); written to ``out/samples_metrics.json`` with the
+    figure ``out/nearest_real.png`` (``out`` defaults to ``samples_dir``; give one per split to keep both).
+    Features run on ``device`` in float64."""
     from .. import data  # looked up at call time: tests stand in their own slices
     from ..config import RunConfig
     from ..download import OASIS_CREDIT
@@ -640,6 +641,7 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     from .reconstruction import encode_decode
 
     run_dir, samples_dir = Path(run_dir), Path(samples_dir)
+    out = samples_dir if out is None else Path(out)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); train one with `oasisvq train`")
     run_cfg = RunConfig.load(run_dir / "config.json")
@@ -661,11 +663,12 @@ def evaluate_sample_dir(run_dir: Path | str, samples_dir: Path | str, split: str
     oasis = uses_oasis(run_cfg.data.paths, held.subjects)
     footer = f"Real slices: {OASIS_CREDIT}" if oasis else None
     near = report["nearest_real"]
-    nearest_real_figure(samples, real, near["real_index"], near["distance"], samples_dir / "nearest_real.png",
+    out.mkdir(parents=True, exist_ok=True)
+    nearest_real_figure(samples, real, near["real_index"], near["distance"], out / "nearest_real.png",
                         levels, held.position[pick], footer)
     near.update({"figure": "nearest_real.png", "oasis_acknowledged": oasis})
     report["heldout_split"] = split
     report["sampling"] = {k: info.get(k) for k in ("prior", "temperature", "top_k", "seed", "cond", "level",
                                                    "guidance", "steps", "choice_temperature", "device")}
-    atomic_write_text(samples_dir / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "samples_metrics.json", json.dumps(report, indent=2) + "\n")
     return report
