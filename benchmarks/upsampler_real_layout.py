@@ -6,9 +6,9 @@ Separates the upsampler's share of the samples' look from the coarse prior's.
     python benchmarks/upsampler_real_layout.py RUN [RUN ...] --out FIGURE.png [--split validate] [--labels L ...]
         [--given F ...] [--resweeps N ...] [--resweep-share S] [--steps P] [--choice-temperature C]
 
-Each RUN holds a 64x64 VQ-VAE and an upsampler prior; each reads the real layout through its own coarse
-run (a row per coarse run shows what it reads; the first run's fine VQ-VAE draws the target row). One slice of the split's first subject nearest each of
-``--levels``; fine codes drawn at temperature 1 in the upsampler's default passes, seed ``--seed``.
+Each RUN holds a VQ-VAE and an upsampler prior; each reads the real layout through its own coarse run
+(a row per coarse run shows what it reads; the first run's VQ-VAE draws the target row). One slice of
+the split's first subject nearest each of ``--levels``; fine codes drawn at temperature 1 in the upsampler's default passes, seed ``--seed``.
 ``--given F`` adds, for the first run, a row per F with that share of the slice's *real* fine codes kept
 (at random positions) and only the rest drawn: how much real detail the upsampler needs before it draws
 anatomy. ``--resweeps N`` adds rows where the first run's drawn codes are drawn again N times over, a
@@ -34,11 +34,6 @@ from oasisvq.prior import decode_uint8, load_prior
 from oasisvq.tokenizer import load_model
 
 RATIOS = (0.05, 0.25, 0.5, 0.75, 0.9, 1.0)
-
-
-def grid_name(vq, x: torch.Tensor) -> str:
-    h, w = vq.encode(x[:1]).shape[1:]
-    return f"{h}x{w}"
 
 
 def keep_share(codes: torch.Tensor, share: float, mask_id: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cpu")
     priors = [load_prior(run, "upsampler", "best", dev) for run in a.runs]
     coarse_runs = list(dict.fromkeys(m["prior_config"]["coarse_run"] for _, m in priors))  # in order, once each
-    coarse = {path: load_model(path, "best")[0] for path in coarse_runs}
+    coarse = {path: load_model(path, "best") for path in coarse_runs}  # (VQ-VAE, its run config)
     fine, cfg = load_model(a.runs[0], "best")
     decoders = [fine] + [load_model(run, "best")[0] for run in a.runs[1:]]  # each run's 64x64 VQ-VAE, once
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
@@ -97,16 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     rows, names = [real], ["real"]
     draw = {"steps": a.steps, "choice_temperature": a.choice_temperature}
     with torch.no_grad():
-        layouts = {path: decode_uint8(vq, vq.encode(x)) for path, vq in coarse.items()}
+        layouts = {path: decode_uint8(vq, vq.encode(x)) for path, (vq, _) in coarse.items()}
         real_codes = fine.encode(x)
         for path, layout in layouts.items():
             rows.append(layout[:, 0].numpy())
-            names.append("coarse recon (read)" if len(layouts) == 1 else
-                         f"{grid_name(coarse[path], x)} recon (read)")
+            side = coarse[path][1].data.size // coarse[path][1].model.downsample
+            names.append("coarse recon (read)" if len(layouts) == 1 else f"{side}x{side} recon (read)")
         rows.append(decode_uint8(fine, real_codes)[:, 0].numpy())
         names.append("fine recon (target)")
         for i, (run, (prior, m), vq) in enumerate(zip(a.runs, priors, decoders)):
-            below = coarse[m["prior_config"]["coarse_run"]]
+            below = coarse[m["prior_config"]["coarse_run"]][0]
             layout = layouts[m["prior_config"]["coarse_run"]]
             gen = torch.Generator().manual_seed(a.seed)
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=gen, cond=layout, **draw)

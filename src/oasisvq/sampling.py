@@ -149,15 +149,12 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             c = None if conds is None else conds[b:b + m]
             # coarsest first; each upsampler reads the image of the codes below it. The coarser priors
             # decode in their own passes: `steps` are the finest prior's.
+            idx = None  # the codes of the level below, once drawn
             for depth, (stage, stage_meta, _) in enumerate(stages):
+                inputs = ({"generator": gen, "cond": c, "guidance": guidance} if depth == 0 else
+                          {"generator": detail_gens[depth - 1], "cond": decode_uint8(stages[depth - 1][2], idx)})
                 passes = extra if depth == len(chain) else {}
-                if depth == 0:
-                    idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, generator=gen, cond=c,
-                                       guidance=guidance, **passes, **ranking)
-                else:
-                    idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k,
-                                       generator=detail_gens[depth - 1], cond=decode_uint8(stages[depth - 1][2], idx),
-                                       **passes, **ranking)
+                idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes, **ranking)
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0
