@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oasisvq.errors import ConfigError
 from oasisvq.models.priors import MaskGITPrior, mask_ratio, masked_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,6 +45,25 @@ def test_attention_is_bidirectional():
     changed[0, 3, 3] = (changed[0, 3, 3] + 1) % 6
     diff = (model(changed) - model(idx)).abs().amax(1)[0]
     assert diff[0, 0] > 0  # the first position sees the last
+
+
+def test_a_grouped_token_holds_exactly_its_block_of_codes():
+    """Without attention blocks a token's logits read only its own codes: changing one code must change the
+    logits of exactly the 2x2 block around it, wherever it lies."""
+    torch.manual_seed(0)
+    model = MaskGITPrior(6, (4, 6), width=16, layers=0, heads=2, group=2).eval()
+    idx = torch.randint(0, 6, (1, 4, 6))
+    for r, c in itertools.product(range(4), range(6)):
+        changed = idx.clone()
+        changed[0, r, c] = (changed[0, r, c] + 1) % 6
+        moved = (model(changed) - model(idx)).abs().amax(1)[0] > 0
+        block = torch.zeros(4, 6, dtype=torch.bool)
+        block[r // 2 * 2:r // 2 * 2 + 2, c // 2 * 2:c // 2 * 2 + 2] = True
+        assert torch.equal(moved, block), (r, c)
+    with pytest.raises(ValueError, match="groups"):
+        model(torch.zeros(1, 3, 4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="groups"):
+        MaskGITPrior(6, (4, 5), group=2)
 
 
 @pytest.mark.parametrize(("steps", "grid", "guidance"), [(1, (4, 4), 1.0), (5, (4, 4), 1.0), (12, (3, 5), 1.0),
@@ -163,11 +183,13 @@ def test_loss_masks_a_cosine_share_and_draws_from_the_global_rng():
     torch.testing.assert_close(model.loss(idx), a)
 
 
-def test_tiny_maskgit_learns_two_patterns():
-    """Every training grid is one of two fixed 4x4 patterns of 8 codes (chance of drawing either: 2 / 8**16)."""
+@pytest.mark.parametrize("group", [1, 2])
+def test_tiny_maskgit_learns_two_patterns(group):
+    """Every training grid is one of two fixed 4x4 patterns of 8 codes (chance of drawing either: 2 / 8**16);
+    with group 2, four tokens of 2x2 codes each."""
     torch.manual_seed(0)
     patterns = torch.randint(0, 8, (2, 4, 4), generator=torch.Generator().manual_seed(0))
-    model = MaskGITPrior(8, (4, 4), width=32, layers=2, heads=2).train()
+    model = MaskGITPrior(8, (4, 4), width=32, layers=2, heads=2, group=group).train()
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(200):
         loss = model.loss(patterns[torch.randint(0, 2, (32,))])

@@ -228,6 +228,25 @@ def test_cli_commands(run, tmp_path, capsys):
     assert (tmp_path / "s-validate" / "nearest_real.png").is_file()
 
 
+def test_a_grouped_maskgit_trains_and_samples_from_the_cli(run, tmp_path, capsys):
+    from oasisvq.cli import main
+
+    common = ["--kind", "maskgit", "--epochs", "1", "--layers", "1", "--width", "16", "--heads", "2",
+              "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert main(["train-prior", str(run), "--group", "2", *common]) == 0
+    meta = load_checkpoint(run / "prior-maskgit" / "best.safetensors")[1]
+    assert meta["prior_config"]["group"] == 2
+    assert main(["sample", str(run), "-n", "3", "--steps", "4", "--out", str(tmp_path / "g"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert len(list((tmp_path / "g").glob("sample_*.png"))) == 3
+    capsys.readouterr()
+    assert main(["train-prior", str(run), "--group", "3", "--overwrite", *common]) == 2  # a 4x4 grid
+    assert "3x3 groups" in capsys.readouterr().err
+    assert load_checkpoint(run / "prior-maskgit" / "best.safetensors")[1] == meta  # nothing written lost
+    assert main(["train-prior", str(run), "--group", "2", "--kind", "pixelcnn"]) == 2
+    assert "prior.group" in capsys.readouterr().err
+
+
 def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp_path, monkeypatch):
     res = prior.train_prior(run, "maskgit", epochs=2, progress=False, **TINY)
     meta = load_checkpoint(run / "prior-maskgit" / "last.safetensors")[1]

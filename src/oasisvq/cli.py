@@ -166,7 +166,7 @@ def cmd_train_prior(a) -> int:
     from .prior import train_prior
 
     options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
-                                          "seed", "kernel", "cond_dropout", "decode_steps")
+                                          "seed", "kernel", "cond_dropout", "decode_steps", "group")
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of training grids whose level is hidden (teaches guidance; default 0.1)")
     tp.add_argument("--decode-steps", type=_positive_int,
                     help="maskgit / upsampler: parallel decoding passes (default 12; upsampler 32)")
+    tp.add_argument("--group", type=_positive_int,
+                    help="maskgit: codes per side of one attention token (default 1; 2 makes a 32x32 grid as cheap "
+                         "as a 16x16 one)")
     tp.add_argument("--coarse", type=Path, metavar="COARSE_RUN",
                     help="upsampler: a run with a coarser code grid on the same slices, whose prior draws the layout")
     tp.add_argument("--coarse-prior", choices=PRIOR_KINDS,

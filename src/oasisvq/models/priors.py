@@ -54,6 +54,7 @@ class PriorConfig:
     coarse_run: str = ""  # upsampler only: the run whose (coarser) reconstructions condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
     patch: int = 0  # upsampler only: image pixels per side of one of the run's codes (set when training starts)
+    group: int = 1  # MaskGIT only: codes per side of one attention token (2: a 32x32 grid costs as a 16x16 one)
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -62,6 +63,9 @@ class PriorConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prior.{name} must be positive, got {getattr(self, name)}")
         PRIOR_KINDS[self.kind].check_config(self)
+        if self.group < 1 or (self.group > 1 and self.kind != "maskgit"):
+            raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit prior only; got {self.group} "
+                              f"for {self.kind!r}")
         if self.kind != "upsampler" and self.coarse_run:
             raise ConfigError(f"prior.coarse_run is for the upsampler prior only, not {self.kind!r}")
         if self.num_classes < 0:
@@ -576,27 +580,34 @@ class MaskedPrior(Prior):
 
 
 class MaskGITPrior(MaskedPrior):
+    """With ``group`` g > 1 one attention token holds a g x g block of codes: its embedding is a linear map
+    of the g*g code embeddings (each may be [MASK]) and it predicts all g*g codes. Attention costs as on a
+    grid g times smaller per side, while masking and decoding still work code by code."""
+
     def __init__(self, num_codes: int, grid: tuple[int, int], width: int = 128, layers: int = 4,
                  heads: int = 4, num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1,
-                 decode_steps: int = 12):
+                 decode_steps: int = 12, group: int = 1):
         super().__init__()
+        if grid[0] % group or grid[1] % group:
+            raise ConfigError(f"a {grid[0]}x{grid[1]} code grid does not split into {group}x{group} groups")
         self.num_codes, self.num_classes, self.grid = num_codes, num_classes, tuple(grid)
-        self.cond_dropout, self.decode_steps = cond_dropout, decode_steps
+        self.cond_dropout, self.decode_steps, self.group = cond_dropout, decode_steps, group
         self.mask_id = num_codes
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
-        self.row = nn.Embedding(grid[0], width)
-        self.col = nn.Embedding(grid[1], width)
+        self.merge = nn.Linear(group * group * width, width) if group > 1 else None
+        self.row = nn.Embedding(grid[0] // group, width)
+        self.col = nn.Embedding(grid[1] // group, width)
         self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_codes)  # real codes only: [MASK] is never a prediction
+        self.head = nn.Linear(width, group * group * num_codes)  # real codes only: [MASK] is never a prediction
         _gpt_init(self, layers)
 
     @classmethod
     def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskGITPrior:
         return cls(num_codes, grid, cfg.width, cfg.layers, cfg.heads, cfg.num_classes, cfg.dropout,
-                   cfg.cond_dropout, cfg.decode_steps)
+                   cfg.cond_dropout, cfg.decode_steps, cfg.group)
 
     check_config = staticmethod(_check_heads)
 
@@ -606,16 +617,24 @@ class MaskGITPrior(MaskedPrior):
 
     def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
         """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
-        if h > self.grid[0] or w > self.grid[1]:
-            raise ValueError(f"grid {h}x{w} is larger than the prior's {self.grid[0]}x{self.grid[1]}")
-        pos = (self.row.weight[:h, None] + self.col.weight[None, :w]).reshape(h * w, -1)
-        x = self.tok(seq) + pos
+        g = self.group
+        if h > self.grid[0] or w > self.grid[1] or h % g or w % g:
+            raise ValueError(f"grid {h}x{w} is not within the prior's {self.grid[0]}x{self.grid[1]} "
+                             f"in {g}x{g} groups")
+        n, th, tw = seq.shape[0], h // g, w // g
+        x = self.tok(seq)
+        if g > 1:  # (N, th, g, tw, g, width) -> one token per group, its codes in raster order
+            x = self.merge(x.view(n, th, g, tw, g, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, th * tw, -1))
+        x = x + (self.row.weight[:th, None] + self.col.weight[None, :tw]).reshape(th * tw, -1)
         if self.cls is not None:
             x = x + self.cls(cond)[:, None, :]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        if g > 1:  # back to one row of logits per code, in raster order over the whole grid
+            logits = logits.view(n, th, tw, g, g, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, h * w, -1)
+        return logits
 
 
 # --------------------------------------------------------------------------------------------------
