@@ -10,7 +10,13 @@ from oasisvq.checkpoint import load_checkpoint, save_checkpoint
 from oasisvq.cli import main
 from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
-from oasisvq.models.priors import MaskGITPrior, PriorConfig, UpsamplerPrior, build_prior
+from oasisvq.models.priors import (
+    AttentionUpsamplerPrior,
+    MaskGITPrior,
+    PriorConfig,
+    UpsamplerPrior,
+    build_prior,
+)
 
 from .test_sampling import SIZE, TINY, _slices, make_run
 
@@ -89,10 +95,13 @@ def test_decoding_fills_every_fine_code_and_is_reproducible():
         PriorConfig(kind="maskgit", coarse_run="coarse").validate()
 
 
-def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread):
+@pytest.mark.parametrize("group", [1, 2])
+def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread, group):
     torch.manual_seed(0)
-    model = _upsampler()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model = _upsampler(group=group)
+    assert type(model) is (AttentionUpsamplerPrior if group > 1 else UpsamplerPrior)
+    # the transformer starts from GPT-2's small weights and learns slower (2e-3: 0.77 of the codes after 150 steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if group == 1 else 5e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
         fine, image = _pairs(16, gen)
@@ -104,6 +113,23 @@ def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread):
     fine, image = _pairs(32, torch.Generator().manual_seed(99))
     drawn = model.sample(32, (8, 8), generator=torch.Generator().manual_seed(0), cond=image, steps=4)
     assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
+
+
+def test_an_attention_upsampler_reads_the_pixels_under_each_token_and_sees_the_whole_grid():
+    torch.manual_seed(0)
+    fine, image = _pairs(1, torch.Generator().manual_seed(0))
+    changed = image.clone()
+    changed[0, 0, 4:8, 8:12] = 255 - changed[0, 0, 4:8, 8:12]  # the pixels of fine rows 2-3, columns 4-5
+    block = torch.zeros(8, 8, dtype=torch.bool)
+    block[2:4, 4:6] = True
+    for layers, moved in ((0, block), (2, torch.ones(8, 8, dtype=torch.bool))):  # no attention: only its token
+        model = AttentionUpsamplerPrior(FINE, (8, 8), PATCH, width=16, layers=layers, heads=2, group=2).eval()
+        with torch.no_grad():
+            diff = (model(fine, image) - model(fine, changed)).abs().amax(1)[0]
+        assert torch.equal(diff > 0, moved), layers
+    with pytest.raises(ConfigError, match="heads"):
+        PriorConfig(kind="upsampler", coarse_run="c", patch=PATCH, num_classes=0, group=2, width=10).validate()
+    PriorConfig(kind="upsampler", coarse_run="c", patch=PATCH, num_classes=0, width=10).validate()  # convolutional
 
 
 @pytest.fixture()
@@ -161,6 +187,17 @@ def test_upsampler_trains_on_two_runs_and_samples_through_the_coarse_prior(two_r
     save_checkpoint(path, {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, cmeta)
     with pytest.raises(CheckpointError, match="changed after the upsampler"):
         sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", progress=False)
+
+
+def test_an_attention_upsampler_trains_from_the_cli_and_samples_through_the_coarse_prior(two_runs, tmp_path):
+    fine, coarse = two_runs
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    assert main(["train-prior", str(fine), "--kind", "upsampler", "--coarse", str(coarse), "--group", "2", "--epochs",
+                 "1", "--width", "16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--no-progress"]) == 0
+    model, meta = prior.load_prior(fine, "upsampler")
+    assert type(model) is AttentionUpsamplerPrior and meta["prior_config"]["group"] == 2 and model.patch == 8
+    info = sampling.sample(fine, "upsampler", n=3, out=tmp_path / "s", seed=1, steps=3, progress=False)
+    assert len(info["files"]) == 3 and all((tmp_path / "s" / f).is_file() for f in info["files"])
 
 
 def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):

@@ -54,7 +54,9 @@ class PriorConfig:
     coarse_run: str = ""  # upsampler only: the run whose (coarser) reconstructions condition this prior
     coarse_prior: str = "maskgit"  # upsampler only: the coarse run's prior that samples the coarse codes
     patch: int = 0  # upsampler only: image pixels per side of one of the run's codes (set when training starts)
-    group: int = 1  # MaskGIT only: codes per side of one attention token (2: a 32x32 grid costs as a 16x16 one)
+    # MaskGIT and upsampler: codes per side of one attention token (2: a 32x32 grid costs as a 16x16 one); an
+    # upsampler with group > 1 attends over the whole grid (AttentionUpsamplerPrior) instead of convolving
+    group: int = 1
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -63,9 +65,9 @@ class PriorConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prior.{name} must be positive, got {getattr(self, name)}")
         PRIOR_KINDS[self.kind].check_config(self)
-        if self.group < 1 or (self.group > 1 and self.kind != "maskgit"):
-            raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit prior only; got {self.group} "
-                              f"for {self.kind!r}")
+        if self.group < 1 or (self.group > 1 and self.kind not in ("maskgit", "upsampler")):
+            raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit and upsampler priors only; got "
+                              f"{self.group} for {self.kind!r}")
         if self.kind != "upsampler" and self.coarse_run:
             raise ConfigError(f"prior.coarse_run is for the upsampler prior only, not {self.kind!r}")
         if self.num_classes < 0:
@@ -615,8 +617,9 @@ class MaskGITPrior(MaskedPrior):
         with torch.no_grad():
             self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 0.02)
 
-    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
-        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
+    def _tokens(self, seq: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> token embeddings with their positions
+        (N, h*w / group**2, width)."""
         g = self.group
         if h > self.grid[0] or w > self.grid[1] or h % g or w % g:
             raise ValueError(f"grid {h}x{w} is not within the prior's {self.grid[0]}x{self.grid[1]} "
@@ -625,16 +628,25 @@ class MaskGITPrior(MaskedPrior):
         x = self.tok(seq)
         if g > 1:  # (N, th, g, tw, g, width) -> one token per group, its codes in raster order
             x = self.merge(x.view(n, th, g, tw, g, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, th * tw, -1))
-        x = x + (self.row.weight[:th, None] + self.col.weight[None, :tw]).reshape(th * tw, -1)
-        if self.cls is not None:
-            x = x + self.cls(cond)[:, None, :]
+        return x + (self.row.weight[:th, None] + self.col.weight[None, :tw]).reshape(th * tw, -1)
+
+    def _logits(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Token embeddings (N, T, width) through the transformer -> logits (N, h*w, K), codes in raster order."""
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))
+        g = self.group
         if g > 1:  # back to one row of logits per code, in raster order over the whole grid
-            logits = logits.view(n, th, tw, g, g, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, h * w, -1)
-        return logits
+            logits = logits.view(-1, h // g, w // g, g, g, self.num_codes).permute(0, 1, 3, 2, 4, 5)
+        return logits.reshape(-1, h * w, self.num_codes)
+
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Codes ``seq`` (N, h*w) in raster order, [MASK] allowed -> logits (N, h*w, K)."""
+        x = self._tokens(seq, h, w)
+        if self.cls is not None:
+            x = x + self.cls(cond)[:, None, :]
+        return self._logits(x, h, w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,9 +674,36 @@ class _ResBlock(nn.Module):
         return x + self.block(x)
 
 
-class UpsamplerPrior(MaskedPrior):
-    """MaskGIT decoding over a fine code grid; ``cond`` is the coarse run's reconstruction of the same
-    slices, (N, 1, H, W) with H = ``patch`` x the grid's height: uint8, or float in [0, 1]. Not a class."""
+class _ReadsCoarseImage:
+    """The upsamplers' condition: the coarse run's reconstruction of the same slices, (N, 1, H, W) with
+    H = ``patch`` x the grid's height: uint8, or float in [0, 1]. Not a class; never dropped, so no guidance."""
+
+    patch: int
+
+    def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
+        if cond is None or cond.dim() != 4 or cond.shape[:2] != (n, 1):
+            raise ValueError(f"the upsampler prior takes the coarse run's images (N={n}, 1, H, W) as cond")
+
+    def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
+                     ) -> tuple[torch.Tensor | None, bool]:
+        self.check_cond(cond, n)
+        if guidance != 1:
+            raise ValueError("the upsampler prior has no guidance (its condition is never dropped)")
+        return cond, False
+
+    def _pixels(self, cond: torch.Tensor, h: int, w: int, cell: int) -> torch.Tensor:
+        """The coarse images as (N, cell**2, h*patch/cell, w*patch/cell) floats in [0, 1]: each position holds
+        the cell x cell pixels it covers."""
+        if cond.shape[-2:] != (h * self.patch, w * self.patch):
+            raise ValueError(f"coarse images of {tuple(cond.shape[-2:])} pixels do not cover a {h}x{w} grid of "
+                             f"{self.patch}x{self.patch}-pixel codes")
+        img = cond.float() / 255 if cond.dtype == torch.uint8 else cond.float()
+        return F.pixel_unshuffle(img, cell)
+
+
+class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
+    """MaskGIT decoding over a fine code grid, convolutional, reading the coarse run's image (see
+    _ReadsCoarseImage). With ``group`` > 1 in its config it is built as an AttentionUpsamplerPrior."""
 
     def __init__(self, num_codes: int, patch: int, width: int = 128, layers: int = 6,
                  dropout: float = 0.0, decode_steps: int = 12):
@@ -680,7 +719,10 @@ class UpsamplerPrior(MaskedPrior):
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
     @classmethod
-    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> UpsamplerPrior:
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskedPrior:
+        if cfg.group > 1:
+            return AttentionUpsamplerPrior(num_codes, grid, cfg.patch, cfg.width, cfg.layers, cfg.heads,
+                                           cfg.dropout, cfg.decode_steps, cfg.group)
         return cls(num_codes, cfg.patch, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps)
 
     @staticmethod
@@ -690,32 +732,35 @@ class UpsamplerPrior(MaskedPrior):
         if cfg.patch <= 0 or cfg.num_classes:
             raise ConfigError("the upsampler prior needs prior.patch > 0 (pixels per code) and no level classes "
                               "(the coarse image carries the level)")
+        if cfg.group > 1:
+            _check_heads(cfg)
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
             self.tok.weight[:self.num_codes] = _codebook_embedding(codebook, self.tok.embedding_dim, 1.0)
 
-    def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
-        if cond is None or cond.dim() != 4 or cond.shape[:2] != (n, 1):
-            raise ValueError(f"the upsampler prior takes the coarse run's images (N={n}, 1, H, W) as cond")
-
-    def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
-                     ) -> tuple[torch.Tensor | None, bool]:
-        self.check_cond(cond, n)
-        if guidance != 1:
-            raise ValueError("the upsampler prior has no guidance (its condition is never dropped)")
-        return cond, False
-
     def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
         """Fine codes ``seq`` (N, h*w), [MASK] allowed, and coarse images ``cond`` -> logits (N, h*w, K)."""
-        if cond.shape[-2:] != (h * self.patch, w * self.patch):
-            raise ValueError(f"coarse images of {tuple(cond.shape[-2:])} pixels do not cover a {h}x{w} grid of "
-                             f"{self.patch}x{self.patch}-pixel codes")
-        img = cond.float() / 255 if cond.dtype == torch.uint8 else cond.float()
         n = seq.shape[0]
         x = self.tok(seq).view(n, h, w, -1).permute(0, 3, 1, 2)
-        x = x + self.image(F.pixel_unshuffle(img, self.patch))
+        x = x + self.image(self._pixels(cond, h, w, self.patch))
         return self.head(self.blocks(x)).flatten(2).transpose(1, 2)
+
+
+class AttentionUpsamplerPrior(_ReadsCoarseImage, MaskGITPrior):
+    """The upsampler as a MaskGIT over tokens of ``group`` x ``group`` fine codes, each token also reading
+    the coarse image's pixels under it: every code sees the whole grid, where the convolutional upsampler
+    sees a few codes around it (which drew no gyri at 32x32, README "A 32x32 level between")."""
+
+    def __init__(self, num_codes: int, grid: tuple[int, int], patch: int, width: int = 128, layers: int = 4,
+                 heads: int = 4, dropout: float = 0.0, decode_steps: int = 12, group: int = 2):
+        super().__init__(num_codes, grid, width, layers, heads, 0, dropout, 0.0, decode_steps, group)
+        self.patch = patch
+        self.image = nn.Linear((patch * group) ** 2, width)
+
+    def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
+        pixels = self._pixels(cond, h, w, self.patch * self.group).flatten(2).transpose(1, 2)
+        return self._logits(self._tokens(seq, h, w) + self.image(pixels), h, w)
 
 
 # Every prior kind by name; a new kind is its class and one line here.
