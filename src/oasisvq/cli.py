@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--decode-steps", type=_positive_int,
                     help="maskgit / upsampler: parallel decoding passes (default 12; upsampler 32)")
     tp.add_argument("--group", type=_positive_int,
-                    help="maskgit: codes per side of one attention token (default 1; 2 makes a 32x32 grid as cheap "
-                         "as a 16x16 one)")
+                    help="maskgit / upsampler: codes per side of one attention token (default 1; 2 makes a 32x32 grid "
+                         "as cheap as a 16x16 one; an upsampler with G > 1 attends over the whole grid)")
     tp.add_argument("--coarse", type=Path, metavar="COARSE_RUN",
                     help="upsampler: a run with a coarser code grid on the same slices, whose prior draws the layout")
     tp.add_argument("--coarse-prior", choices=PRIOR_KINDS,
