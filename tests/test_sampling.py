@@ -247,31 +247,6 @@ def test_a_grouped_maskgit_trains_and_samples_from_the_cli(run, tmp_path, capsys
     assert "prior.group" in capsys.readouterr().err
 
 
-def test_mirror_trains_on_the_mirrored_slices_too_and_extends_the_code_cache(run, tmp_path, monkeypatch, capsys):
-    from oasisvq.cli import main
-    from oasisvq.tokenizer import load_model
-
-    data = _slices()
-    data.images[:, 4:12, 2:10] = 255  # a bright square on the left: a mirrored slice is another slice
-    monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
-    res = prior.train_prior(run, "maskgit", epochs=1, progress=False, **TINY)
-    cache = run / "prior-maskgit" / prior.CODES_FILE
-    plain = load_checkpoint(cache)[0]
-    assert "train.mirrored" not in plain and res["step"] == 3  # 12 training slices, batches of 4
-    res = prior.train_prior(run, "maskgit", epochs=1, progress=False, overwrite=True, mirror=True, **TINY)
-    codes = load_checkpoint(cache)[0]
-    assert res["step"] == 6  # twice the slices
-    assert torch.equal(codes["train.codes"], plain["train.codes"])  # the cache kept, the mirrored codes added
-    vq = load_model(run, "best")[0]
-    train = data.split("train")
-    with torch.no_grad():
-        mirrored = vq.encode(train.tensor(np.arange(len(train))).flip(-1)).to(torch.int32)
-    assert torch.equal(codes["train.mirrored"], mirrored) and not torch.equal(mirrored, plain["train.codes"])
-    assert load_checkpoint(run / "prior-maskgit" / "last.safetensors")[1]["prior_config"]["mirror"] is True
-    assert main(["train-prior", str(run), "--kind", "upsampler", "--coarse", str(run), "--mirror"]) == 2
-    assert "prior.mirror" in capsys.readouterr().err
-
-
 def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp_path, monkeypatch):
     res = prior.train_prior(run, "maskgit", epochs=2, progress=False, **TINY)
     meta = load_checkpoint(run / "prior-maskgit" / "last.safetensors")[1]

@@ -170,8 +170,6 @@ def cmd_train_prior(a) -> int:
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
-    if a.mirror:
-        options["mirror"] = True
     if a.coarse is not None:
         options["coarse_run"] = str(a.coarse)
     if a.coarse_prior is not None:
@@ -461,8 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)
     tp.add_argument("--no-codebook-init", action="store_true", help="random code embeddings")
-    tp.add_argument("--mirror", action="store_true",
-                    help="train also on the left-right mirror of every training slice (not the upsampler)")
     _opt_resume(tp, "RUN/prior-<kind>")
     _add_run_options(tp, cache=True)
     tp.set_defaults(func=cmd_train_prior)

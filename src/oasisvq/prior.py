@@ -85,12 +85,12 @@ def position_classes(position: np.ndarray, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_slices(model, slices, device: torch.device, batch_size: int = 64, progress: bool = True,
-                  desc: str = "encode", mirror: bool = False) -> torch.Tensor:
-    """Code grids (N, h, w) int32 of every slice of a SliceSet (of its left-right mirror with ``mirror``)."""
+                  desc: str = "encode") -> torch.Tensor:
+    """Code grids (N, h, w) int32 of every slice of a SliceSet."""
     out = []
     for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, leave=False):
-        x = slices.tensor(np.arange(i, min(i + batch_size, len(slices))))
-        out.append(model.encode((x.flip(-1) if mirror else x).to(device)).to(torch.int32).cpu())
+        idx = np.arange(i, min(i + batch_size, len(slices)))
+        out.append(model.encode(slices.tensor(idx).to(device)).to(torch.int32).cpu())
     return torch.cat(out)
 
 
@@ -108,26 +108,21 @@ def current_codes(path: Path, vqvae_fingerprint: str) -> dict[str, torch.Tensor]
 
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
                  cache_dir: Path | str | None = None, progress: bool = True, vqvae_fingerprint: str = "",
-                 path: Path | None = None, mirror: bool = False) -> dict[str, torch.Tensor]:
+                 path: Path | None = None) -> dict[str, torch.Tensor]:
     """Train/validate code grids and slice positions, from ``path`` (default
     ``prior-<kind>/codes.safetensors``) if it matches the run's current VQ-VAE (``vqvae_fingerprint``,
-    hashed here if not given), else encoded now and cached. With ``mirror`` also ``train.mirrored``: the
-    codes of each training slice's left-right mirror (added to the cache when it lacks them)."""
+    hashed here if not given), else encoded now and cached."""
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
     tensors = current_codes(path, fp)
-    if tensors is not None and (not mirror or "train.mirrored" in tensors):
+    if tensors is not None:
         return tensors
     slices = run_slices(run_cfg, cache_dir, progress)
-    if tensors is None:
-        tensors = {}
-        for split in ("train", "validate"):
-            part = slices.split(split)
-            tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
-            tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
-    if mirror:
-        tensors["train.mirrored"] = encode_slices(model, slices.split("train"), device, progress=progress,
-                                                  desc="encode mirrored train", mirror=True)
+    tensors = {}
+    for split in ("train", "validate"):
+        part = slices.split(split)
+        tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
+        tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
     save_checkpoint(path, tensors, {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes})
     return tensors
 
@@ -191,10 +186,6 @@ class PriorTask(training.Task):
         self.lr_hint = f"Lower the prior's learning rate (lr = {cfg.lr})"
         self.checkpoint_dir, self.metrics_path = pdir, pdir / "metrics.csv"
         self.train_codes, val_codes = codes["train.codes"], codes["validate.codes"]
-        train_position = codes["train.position"]
-        if cfg.mirror:  # mirrored slices keep their level
-            self.train_codes = torch.cat([self.train_codes, codes["train.mirrored"]])
-            train_position = torch.cat([train_position, train_position])
         self.n_items = len(self.train_codes)
         val_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(val_codes))[:val_grids])
         self.val_codes = val_codes[torch.from_numpy(val_pick)]
@@ -204,7 +195,7 @@ class PriorTask(training.Task):
             self.train_cond = codes["train.coarse"]
             self.val_cond = codes["validate.coarse"][torch.from_numpy(val_pick)]
         elif cfg.num_classes:
-            self.train_cond = position_classes(train_position.numpy(), cfg.num_classes)
+            self.train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
             self.val_cond = position_classes(codes["validate.position"].numpy()[val_pick], cfg.num_classes)
             class_counts = torch.bincount(self.train_cond, minlength=cfg.num_classes).tolist()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -358,8 +349,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=2)
         def read_codes(show: bool):
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp,
-                                 mirror=cfg.mirror)
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp)
             return codes, (coarse_images(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
 
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache

@@ -57,9 +57,6 @@ class PriorConfig:
     # MaskGIT and upsampler: codes per side of one attention token (2: a 32x32 grid costs as a 16x16 one); an
     # upsampler with group > 1 attends over the whole grid (AttentionUpsamplerPrior) instead of convolving
     group: int = 1
-    # train also on the left-right mirror of every training slice (codes encoded from the mirrored image):
-    # twice the data for priors that overfit a few subjects; not for the upsampler (its coarse images)
-    mirror: bool = False
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -71,8 +68,6 @@ class PriorConfig:
         if self.group < 1 or (self.group > 1 and self.kind not in ("maskgit", "upsampler")):
             raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit and upsampler priors only; got "
                               f"{self.group} for {self.kind!r}")
-        if self.mirror and self.kind == "upsampler":
-            raise ConfigError("prior.mirror is not for the upsampler prior (its coarse images are not mirrored)")
         if self.kind != "upsampler" and self.coarse_run:
             raise ConfigError(f"prior.coarse_run is for the upsampler prior only, not {self.kind!r}")
         if self.num_classes < 0:
