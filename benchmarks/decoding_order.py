@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     show = inside[np.argsort(levels[inside])][np.linspace(0, len(inside) - 1, SHOWN).round().astype(int)]
     cfg = RunConfig.load(a.run / "config.json")
     train = data.load_slices(cfg.data, a.cache_dir, progress=False).split("train")
-    subjects = np.asarray(train.subjects)
-    own = np.where(subjects == subjects[0], train.position, np.inf)  # one training subject
-    real = train.uint8([int(np.argmin(np.abs(own - levels[i]))) for i in show])
+    real = train.uint8(train.nearest_levels(levels[show]))  # one training subject
     images = np.concatenate([drawn[o][0][show] for o in ORDERS] + [real])
     titles = [f"{o}, {levels[i]:.2f}" for o in ORDERS for i in show] + [f"training, {levels[i]:.2f}" for i in show]
-    oasis = uses_oasis(cfg.data.paths, subjects)
+    oasis = uses_oasis(cfg.data.paths, train.subjects)
     figures.slice_grid(images, a.out / "decoding_order.png", titles=titles, cols=SHOWN,
                        title=f"{a.prior} samples (seed {seed}): the surest codes first against random order",
                        footer=f"Real slices: {OASIS_CREDIT}" if oasis else None)

@@ -47,10 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--labels needs one title per samples folder ({len(a.samples)}), got {len(labels)}")
     cfg = RunConfig.load(a.run / "config.json")
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
-    subjects, positions = np.asarray(held.subjects), np.asarray(held.position)
-    own = np.where(subjects == subjects[0], positions, np.inf)  # one subject, so the row shows one head
-    pick = [int(np.argmin(np.abs(own - lv))) for lv in a.levels]
-    rows, titles = [held.uint8(pick)], [f"real, level {positions[i]:.2f}" for i in pick]
+    pick = held.nearest_levels(a.levels)
+    rows, titles = [held.uint8(pick)], [f"real, level {held.position[i]:.2f}" for i in pick]
     for folder, label in zip(a.samples, labels, strict=True):
         images, drawn = nearest_samples(folder, a.levels)
         rows.append(images)

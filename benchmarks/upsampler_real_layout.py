@@ -8,7 +8,8 @@ Separates the upsampler's share of the samples' look from the coarse prior's.
 
 Each RUN holds a VQ-VAE and an upsampler prior; each reads the real layout through its own coarse run
 (a row per coarse run shows what it reads; the first run's VQ-VAE draws the target row). One slice of
-the split's first subject nearest each of ``--levels``; fine codes drawn at temperature 1 in the upsampler's default passes, seed ``--seed``.
+the split's first subject nearest each of ``--levels``; fine codes drawn at temperature 1 in the
+upsampler's default passes, seed ``--seed``.
 ``--given F`` adds, for the first run, a row per F with that share of the slice's *real* fine codes kept
 (at random positions) and only the rest drawn: how much real detail the upsampler needs before it draws
 anatomy. ``--resweeps N`` adds rows where the first run's drawn codes are drawn again N times over, a
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     fine, cfg = load_model(a.runs[0], "best")
     decoders = [fine] + [load_model(run, "best")[0] for run in a.runs[1:]]  # each run's 64x64 VQ-VAE, once
     held = data.load_slices(cfg.data, None, progress=False).split(a.split)
-    subjects, levels = np.asarray(held.subjects), np.asarray(held.position)
-    own = np.where(subjects == subjects[0], levels, np.inf)  # one subject, so the rows show one head
-    pick = [int(np.argmin(np.abs(own - lv))) for lv in a.levels]
+    pick = held.nearest_levels(a.levels)
     every_fourth = torch.from_numpy(held.uint8(np.arange(0, len(held), 4))).float().div(255)[:, None]
     real = held.uint8(pick)
     x = torch.from_numpy(real).float().div(255)[:, None]
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             codes = prior.sample(len(pick), tuple(m["grid"]), generator=gen, cond=layout, given=given, **draw)
             rows.append(decode_uint8(fine, codes)[:, 0].numpy())
             names.append(f"{share:.0%} real codes given")
-    titles = [f"real, level {levels[i]:.2f}" for i in pick] + [name for name in names[1:] for _ in pick]
+    titles = [f"real, level {held.position[i]:.2f}" for i in pick] + [name for name in names[1:] for _ in pick]
     figures.slice_grid(np.concatenate(rows), a.out, titles=titles, cols=len(pick),
                        title=f"upsampler given the real layout ({a.split} subject)",
                        footer=f"Real slices: {OASIS_CREDIT}")

@@ -14,6 +14,7 @@ from PIL import Image
 from oasisvq.cli import main
 from oasisvq.config import DataConfig
 from oasisvq.data import (
+    SliceSet,
     assign_splits,
     discover,
     inspect,
@@ -149,6 +150,14 @@ def _keras_set(root, cases):
     for case, (split, n) in cases.items():
         for k in range(n):
             _png(root / f"keras_png_slices_{split}" / f"case_{case:03d}_slice_{k}.nii.png", np.full((16, 16), 10 * k))
+
+
+def test_nearest_levels_picks_the_first_subjects_slices():
+    index = {"subjects": ["b", "a", "b", "a", "b"], "sources": ["x"] * 5, "slices": list(range(5)),
+             "splits": ["train"] * 5, "positions": [0.1, 0.3, 0.5, 0.62, 0.9]}
+    slices = SliceSet(np.zeros((5, 2, 2), np.uint8), index)
+    assert slices.nearest_levels([0.0, 0.6, 0.7, 1.0]) == [0, 2, 2, 4]  # subject "b" only: not 3 at 0.6 or 0.7
+    assert slices.split("train").subset([1, 3]).nearest_levels([0.2, 0.7]) == [0, 1]  # positions in the view
 
 
 def test_keras_png_slices_carry_their_level(tmp_path, cache_dir):

@@ -378,6 +378,12 @@ class SliceSet:
         """Float batch (B, 1, H, W) in [0, 1] of the slices at positions ``idx`` of this set."""
         return torch.from_numpy(self.uint8(idx)).unsqueeze(1).float().div_(255.0)
 
+    def nearest_levels(self, levels: list[float] | np.ndarray) -> list[int]:
+        """Positions in this set of its first subject's slices nearest each of ``levels``: one head, for
+        figures that set real slices beside samples level by level."""
+        own = np.where(self.subjects == self.subjects[0], self.position, np.inf)
+        return [int(np.argmin(np.abs(own - lv))) for lv in levels]
+
     def summary(self) -> dict:
         out = {}
         for s in SPLITS:
