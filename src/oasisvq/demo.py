@@ -38,8 +38,8 @@ MARKER = "demo.json"
 # The recipe benchmarks/generation.py found best on a CPU budget (README, "Generation"): a 16x16 code grid
 # that a prior can lay out, and a level-conditioned MaskGIT prior.
 PRESET, GPU_PRESET, PRIOR = "cpu-f16", "gpu-f8", "maskgit"
-# From TWO_LEVEL_MINUTES on a CPU, the two-level code (README, "Two-level code"): the 16x16 run and its
-# MaskGIT lay the head out, a 64x64 run (FINE_PRESET) and an upsampler over its codes add the detail.
+# From TWO_LEVEL_MINUTES on a CPU, the two-level code (docs/generation_log.md, "Two-level code"): the 16x16
+# run and its MaskGIT lay the head out, a 64x64 run (FINE_PRESET) and an upsampler over its codes add the detail.
 FINE_PRESET, FINE_PRIOR, TWO_LEVEL_MINUTES = "cpu", "upsampler", 40.0
 
 
@@ -152,8 +152,8 @@ def two_level_split(minutes: float) -> tuple[float, float, float, float]:
 
     The upsampler gets the largest share: it learns the detail the samples lack, still slowly at 800
     steps (the 60-minute run's upsampler trained on to 1,780 steps drew samples the two-sample test told
-    apart less often in every seed; README, "The upsampler's share"), while the 16x16 run only lays out a
-    blurred head. The rest (data, encoding both runs' codes, evaluation, sampling at about
+    apart less often in every seed; docs/generation_log.md, "The upsampler's share"), while the 16x16 run
+    only lays out a blurred head. The rest (data, encoding both runs' codes, evaluation, sampling at about
     one slice per second, the report) is given 3 minutes plus 8% of the budget (at most a fifth of it)."""
     training = minutes - min(0.2 * minutes, 3 + 0.08 * minutes)
     return 0.15 * training, 0.16 * training, 0.24 * training, 0.45 * training

@@ -65,7 +65,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     keeps its default), and the coarse layouts equal the coarse prior's own samples for the same seed.
     ``choice_temperature`` (masked priors, default 4.5) scales the noise that ranks which sampled codes a
     pass keeps, for the coarse and the fine prior alike: 0 keeps the most probable, a large value (1e6)
-    keeps codes in random order (README "Decoding order").
+    keeps codes in random order (docs/generation_log.md "Decoding order").
     """
     from .training import pick_device
 

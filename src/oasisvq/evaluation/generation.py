@@ -385,8 +385,8 @@ def head_area(images: Any) -> np.ndarray:
 
 def anatomy_stats(images: Any, gmm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per image: head area (fraction of the slice), mean intensity inside the head (0 for an empty
-    slice; the tissue fractions alone hide an over-bright interior, README "Decoding order") and
-    CSF/grey/white fractions of the head."""
+    slice; the tissue fractions alone hide an over-bright interior, docs/generation_log.md "Decoding
+    order") and CSF/grey/white fractions of the head."""
     images = _as_float_images(images)  # once: head_area takes the float tensor as it is
     x = images.numpy()[:, 0]
     out: dict[str, list[float]] = {t: [] for t in ("head_intensity", *TISSUES)}

@@ -714,7 +714,8 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
         # each fine code reads the patch x patch pixels it covers and those of its neighbours
         self.image = nn.Conv2d(patch * patch, width, 3, padding=1)
         # undilated: six blocks see 7 codes (28 pixels) either way; dilations 1-2-4-8-1-2 saw 18 but drew a
-        # mottle where these draw sulcus-like lines at the same cost (README "Undilated blocks": format 4)
+        # mottle where these draw sulcus-like lines at the same cost (docs/generation_log.md "Undilated
+        # blocks": format 4)
         self.blocks = nn.Sequential(*(_ResBlock(width, dropout) for _ in range(layers)))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
@@ -750,7 +751,8 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
 class AttentionUpsamplerPrior(_ReadsCoarseImage, MaskGITPrior):
     """The upsampler as a MaskGIT over tokens of ``group`` x ``group`` fine codes, each token also reading
     the coarse image's pixels under it: every code sees the whole grid, where the convolutional upsampler
-    sees a few codes around it (which drew no gyri at 32x32, README "A 32x32 level between")."""
+    sees a few codes around it (which drew no gyri at 32x32; docs/generation_log.md, "A 32x32 level
+    between")."""
 
     def __init__(self, num_codes: int, grid: tuple[int, int], patch: int, width: int = 128, layers: int = 4,
                  heads: int = 4, dropout: float = 0.0, decode_steps: int = 12, group: int = 2):
