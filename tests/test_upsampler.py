@@ -12,9 +12,12 @@ from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
 from oasisvq.models.priors import (
     AttentionUpsamplerPrior,
+    GatedPixelCNN,
     MaskGITPrior,
+    PixelCNNUpsamplerPrior,
     PriorConfig,
     UpsamplerPrior,
+    _draw,
     build_prior,
 )
 
@@ -132,6 +135,67 @@ def test_an_attention_upsampler_reads_the_pixels_under_each_token_and_sees_the_w
     PriorConfig(kind="upsampler", coarse_run="c", patch=PATCH, num_classes=0, width=10).validate()  # convolutional
 
 
+def test_an_autoregressive_upsampler_hides_later_codes_but_reads_the_whole_image():
+    torch.manual_seed(0)
+    model = _upsampler(autoregressive=True, width=16, layers=3, kernel=3).eval()
+    assert type(model) is PixelCNNUpsamplerPrior
+    fine, image = _pairs(1, torch.Generator().manual_seed(0))
+    later = fine.clone()
+    later[0, 4, 5] = (later[0, 4, 5] + 1) % FINE  # raster position 37
+    changed = image.clone()
+    changed[0, 0, 12:, :] = 255 - changed[0, 0, 12:, :]  # the pixels of fine rows 6-7
+    with torch.no_grad():
+        code_moved = (model(fine, image) - model(later, image)).abs().amax(1)[0].flatten() > 0
+        image_moved = (model(fine, image) - model(fine, changed)).abs().amax(1)[0] > 0
+    assert not code_moved[:38].any() and code_moved[38:].any()  # only positions after the changed code
+    assert image_moved[6:].all() and image_moved[3:6].any()  # rows above read the image below them
+    assert not image_moved[:3].any()  # the image features reach 3 codes either way, the blocks only back
+    with pytest.raises(ConfigError, match="group"):
+        PriorConfig(kind="upsampler", coarse_run="c", patch=PATCH, num_classes=0, autoregressive=True,
+                    group=2).validate()
+    with pytest.raises(ConfigError, match="upsampler prior only"):
+        PriorConfig(kind="pixelcnn", autoregressive=True).validate()
+
+
+@pytest.mark.parametrize("kind", ["pixelcnn", "upsampler"])
+def test_pixelcnn_sampling_in_windows_draws_what_the_whole_grid_gives(kind):
+    """Sampling computes only the receptive field's window around each code; with two 3x3 blocks on a
+    9x11 grid the windows are cut on every side, and the codes drawn equal those drawn from full passes."""
+    torch.manual_seed(0)
+    if kind == "pixelcnn":
+        model, grid = GatedPixelCNN(FINE, width=8, layers=2, kernel=3, num_classes=3).eval(), (9, 11)
+        cond = torch.tensor([0, 2])
+    else:
+        model, grid = _upsampler(autoregressive=True, width=8, layers=2, kernel=3).eval(), (8, 8)
+        cond = _pairs(2, torch.Generator().manual_seed(3))[1]
+    for p in model.parameters():  # away from the identity-like start, so every weight matters
+        torch.nn.init.normal_(p, std=0.3)
+    windowed = model.sample(2, grid, generator=torch.Generator().manual_seed(7), cond=cond)
+    gen, full = torch.Generator().manual_seed(7), torch.zeros(2, *grid, dtype=torch.long)
+    with torch.no_grad():
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                full[:, r, c] = _draw(model(full, cond)[:, :, r, c], 1.0, 0, gen)
+    assert torch.equal(windowed, full) and len(full.unique()) > 4
+
+
+def test_tiny_autoregressive_upsampler_learns_fine_codes_from_the_coarse_image(one_thread):
+    torch.manual_seed(0)
+    model = _upsampler(autoregressive=True, width=32, layers=2, kernel=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        fine, image = _pairs(16, gen)
+        loss = model.loss(fine, image)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    fine, image = _pairs(16, torch.Generator().manual_seed(99))
+    drawn = model.sample(16, (8, 8), generator=torch.Generator().manual_seed(0), cond=image)
+    assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
+
+
 @pytest.fixture()
 def two_runs(tmp_path, monkeypatch):
     data = _slices()
@@ -198,6 +262,26 @@ def test_an_attention_upsampler_trains_from_the_cli_and_samples_through_the_coar
     assert type(model) is AttentionUpsamplerPrior and meta["prior_config"]["group"] == 2 and model.patch == 8
     info = sampling.sample(fine, "upsampler", n=3, out=tmp_path / "s", seed=1, steps=3, progress=False)
     assert len(info["files"]) == 3 and all((tmp_path / "s" / f).is_file() for f in info["files"])
+
+
+def test_an_autoregressive_upsampler_trains_from_the_cli_and_samples_through_the_coarse_prior(two_runs, tmp_path):
+    fine, coarse = two_runs
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    assert main(["train-prior", str(fine), "--kind", "upsampler", "--coarse", str(coarse), "--autoregressive",
+                 "--epochs", "1", "--width", "16", "--layers", "2", "--kernel", "3", "--batch-size", "4",
+                 "--no-progress"]) == 0
+    model, meta = prior.load_prior(fine, "upsampler")
+    assert type(model) is PixelCNNUpsamplerPrior and meta["prior_config"]["autoregressive"] and model.patch == 8
+    info = sampling.sample(fine, "upsampler", n=3, out=tmp_path / "s", seed=1, choice_temperature=0.0,
+                           progress=False)  # the ranking reaches the coarse MaskGIT only
+    sampling.sample(fine, "upsampler", n=3, out=tmp_path / "t", seed=1, choice_temperature=0.0, progress=False)
+    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "t" / f).read_bytes() for f in info["files"])
+    with pytest.raises(ConfigError, match="steps"):  # it draws code by code, in no passes
+        sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", steps=3, progress=False)
+    kept = (coarse / "prior-maskgit" / "last.safetensors").read_bytes()
+    assert main(["train-prior", str(coarse), "--kind", "maskgit", "--autoregressive", "--overwrite",
+                 "--epochs", "1"]) == 2
+    assert (coarse / "prior-maskgit" / "last.safetensors").read_bytes() == kept
 
 
 def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):

@@ -174,6 +174,8 @@ def cmd_train_prior(a) -> int:
         options["coarse_run"] = str(a.coarse)
     if a.coarse_prior is not None:
         options["coarse_prior"] = a.coarse_prior
+    if a.autoregressive:
+        options["autoregressive"] = True
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
                          overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
                          progress=not a.no_progress, **options)
@@ -439,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--layers", type=_positive_int, help="layers / blocks (default 4; upsampler 6)")
     tp.add_argument("--width", type=_positive_int, help="embedding size / channels (default 128; upsampler 64)")
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
-    tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, odd)")
+    tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, autoregressive upsampler; odd)")
     tp.add_argument("--num-classes", type=int, help="condition on the slice position cut into this many classes")
     tp.add_argument("--dropout", type=float,
                     help="dropout on embeddings and residual branches; regularises small sets (default 0)")
@@ -455,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--coarse-prior", choices=PRIOR_KINDS,
                     help="upsampler: the coarse run's prior kind that samples the coarse codes (default maskgit; "
                          "upsampler: a cascade of levels)")
+    tp.add_argument("--autoregressive", action="store_true",
+                    help="upsampler: draw the fine codes one by one in raster order (a gated PixelCNN reading the "
+                         "coarse image, as VQ-VAE-2) instead of in parallel masked passes; slower to sample")
     tp.add_argument("--lr", type=_positive_float)
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError
+from .models.priors import MaskedPrior
 from .prior import decode_uint8, fingerprint, load_prior, open_run, prior_dir
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -111,17 +112,17 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         raise ConfigError(f"level {level!r}: needs a conditional prior, no cond, and 0 <= low <= high <= 1")
     if guidance < 0 or (guidance != 1 and not k_cls):
         raise ConfigError(f"guidance {guidance}: needs a conditional prior and a weight >= 0")
-    extra = {}
-    masked = meta["prior_config"]["kind"] in ("maskgit", "upsampler")  # the priors that decode in ranked passes
+    extra = {}  # the priors that decode in ranked passes (maskgit, the masked upsamplers) take these
     if steps is not None:
-        if not masked or steps <= 0:
-            raise ConfigError(f"steps {steps}: only maskgit and upsampler priors decode in steps (a positive number)")
+        if not isinstance(model, MaskedPrior) or steps <= 0:
+            raise ConfigError(f"steps {steps}: only maskgit and masked upsampler priors decode in steps "
+                              "(a positive number)")
         extra["steps"] = steps
-    ranking = {}  # for the coarse prior too: both rank the codes they keep
+    ranking = {}  # for the coarse priors too: every masked stage ranks the codes it keeps
     if choice_temperature is not None:
-        if not masked or not 0 <= choice_temperature < math.inf:
-            raise ConfigError(f"choice temperature {choice_temperature}: only maskgit and upsampler priors rank "
-                              "codes (a finite number >= 0)")
+        if not any(isinstance(stage, MaskedPrior) for stage, _, _ in stages) or not 0 <= choice_temperature < math.inf:
+            raise ConfigError(f"choice temperature {choice_temperature}: only maskgit and masked upsampler priors "
+                              "rank codes (a finite number >= 0)")
         ranking["choice_temperature"] = choice_temperature
 
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -153,8 +154,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             for depth, (stage, stage_meta, _) in enumerate(stages):
                 inputs = ({"generator": gen, "cond": c, "guidance": guidance} if depth == 0 else
                           {"generator": detail_gens[depth - 1], "cond": decode_uint8(stages[depth - 1][2], idx)})
-                passes = extra if depth == len(chain) else {}
-                idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes, **ranking)
+                passes = {**(extra if depth == len(chain) else {}), **ranking} if isinstance(stage, MaskedPrior) else {}
+                idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes)
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0

@@ -48,7 +48,7 @@ class PriorConfig:
     epochs: int = 10
     max_minutes: float = 0.0  # > 0: stop training after this much wall-clock time
     seed: int = 0
-    kernel: int = 5  # PixelCNN only: kernel width (odd)
+    kernel: int = 5  # PixelCNN and the autoregressive upsampler: kernel width (odd)
     decode_steps: int = 12  # MaskGIT and upsampler: parallel decoding passes per sample
     init_from_codebook: bool = True  # initialise the code embedding from the VQ-VAE codebook
     coarse_run: str = ""  # upsampler only: the run whose (coarser) reconstructions condition this prior
@@ -57,6 +57,9 @@ class PriorConfig:
     # MaskGIT and upsampler: codes per side of one attention token (2: a 32x32 grid costs as a 16x16 one); an
     # upsampler with group > 1 attends over the whole grid (AttentionUpsamplerPrior) instead of convolving
     group: int = 1
+    # upsampler only: draw the fine codes one by one in raster order (a gated PixelCNN reading the coarse
+    # image) instead of in parallel masked passes
+    autoregressive: bool = False
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -68,8 +71,9 @@ class PriorConfig:
         if self.group < 1 or (self.group > 1 and self.kind not in ("maskgit", "upsampler")):
             raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit and upsampler priors only; got "
                               f"{self.group} for {self.kind!r}")
-        if self.kind != "upsampler" and self.coarse_run:
-            raise ConfigError(f"prior.coarse_run is for the upsampler prior only, not {self.kind!r}")
+        if self.kind != "upsampler" and (self.coarse_run or self.autoregressive):
+            raise ConfigError(f"prior.coarse_run and prior.autoregressive are for the upsampler prior only, "
+                              f"not {self.kind!r}")
         if self.num_classes < 0:
             raise ConfigError(f"prior.num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.dropout < 1:
@@ -225,7 +229,8 @@ def _shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedBlock(nn.Module):
-    def __init__(self, ch: int, kernel: int, mask_type: str, num_classes: int, dropout: float):
+    def __init__(self, ch: int, kernel: int, mask_type: str, num_classes: int, dropout: float,
+                 reads_image: bool = False):
         super().__init__()
         self.k, self.mask_a = kernel // 2, mask_type == "A"
         self.v = nn.Conv2d(ch, 2 * ch, (self.k + 1, kernel))
@@ -233,6 +238,9 @@ class GatedBlock(nn.Module):
         self.v_to_h = nn.Conv2d(2 * ch, 2 * ch, 1)
         self.h_out = nn.Conv2d(ch, ch, 1)
         self.cond = nn.Embedding(num_classes + 1, 4 * ch) if num_classes else None  # + the null class
+        # a condition map (N, ch, h, w) known everywhere at once (the coarse image's features): its own bias
+        # for every position, as the conditional PixelCNN's location-dependent h
+        self.image = nn.Conv2d(ch, 4 * ch, 1) if reads_image else None
         self.drop = nn.Dropout(dropout)
 
     @staticmethod
@@ -240,8 +248,8 @@ class GatedBlock(nn.Module):
         a, b = x.chunk(2, dim=1)
         return torch.tanh(a) * torch.sigmoid(b)
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.k
         vf = self.v(F.pad(v, (k, k, k, 0)))  # rows r-k..r, columns c-k..c+k
         hf = self.h(F.pad(h, (k, 0, 0, 0)))  # row r, columns c-k..c
@@ -251,18 +259,22 @@ class GatedBlock(nn.Module):
         if self.cond is not None:
             cv, ch = self.cond(cond)[:, :, None, None].chunk(2, dim=1)
             vf, hf = vf + cv, hf + ch
+        if self.image is not None:
+            cv, ch = self.image(features).chunk(2, dim=1)
+            vf, hf = vf + cv, hf + ch
         h_new = self.h_out(self.drop(self._gate(hf)))
         return self._gate(vf), (h_new if self.mask_a else h + h_new)
 
 
 class GatedPixelCNN(Prior):
     def __init__(self, num_codes: int, width: int = 128, layers: int = 8, kernel: int = 5,
-                 num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1):
+                 num_classes: int = 0, dropout: float = 0.0, cond_dropout: float = 0.1, reads_image: bool = False):
         super().__init__()
         self.num_codes, self.num_classes, self.cond_dropout = num_codes, num_classes, cond_dropout
         self.embed = nn.Embedding(num_codes, width)
         self.blocks = nn.ModuleList(
-            GatedBlock(width, kernel, "A" if i == 0 else "B", num_classes, dropout) for i in range(layers)
+            GatedBlock(width, kernel, "A" if i == 0 else "B", num_classes, dropout, reads_image)
+            for i in range(layers)
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
@@ -279,16 +291,24 @@ class GatedPixelCNN(Prior):
         with torch.no_grad():
             self.embed.weight.copy_(_codebook_embedding(codebook, self.embed.embedding_dim, 1.0))
 
-    def forward_embedded(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def _split_cond(self, cond: torch.Tensor | None, h: int, w: int
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``cond`` -> (level classes, condition map (N, width, h, w)); a plain PixelCNN has no map."""
+        return cond, None
+
+    def forward_embedded(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                         features: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded grid (N, width, h, w) -> logits (N, K, h, w)."""
         v = h = x
         for block in self.blocks:
-            v, h = block(v, h, cond)
+            v, h = block(v, h, cond, features)
         return self.head(h)
 
     def forward(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        _check_cond(cond, indices.shape[0], self.num_classes)
-        return self.forward_embedded(self.embed(indices).permute(0, 3, 1, 2), self._drop_cond(cond))
+        n, h, w = indices.shape
+        self.check_cond(cond, n)
+        classes, features = self._split_cond(self._drop_cond(cond), h, w)
+        return self.forward_embedded(self.embed(indices).permute(0, 3, 1, 2), classes, features)
 
     @torch.no_grad()
     def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
@@ -297,14 +317,19 @@ class GatedPixelCNN(Prior):
         h, w = grid_hw
         dev = self.embed.weight.device
         conds, both = self._guided_cond(cond, n, guidance)
+        classes, features = self._split_cond(conds, h, w)
         out = torch.zeros(n, h, w, dtype=torch.long, device=dev)
-        # Row r depends only on rows r - reach .. r (receptive field), so only those rows are computed.
+        # Position (r, c) depends only on rows r - reach .. r and columns c - reach .. c + reach (the
+        # receptive field; wrong values at a window's edge travel one kernel radius per block, so they
+        # stop short of (r, c)), so only that window is computed.
         reach = sum(b.k for b in self.blocks) + 1
         for r in range(h):
             top = max(0, r - reach)
             for c in range(w):
-                x = self.embed(_twice(out[:, top:r + 1], both)).permute(0, 3, 1, 2)
-                logits = self.forward_embedded(x, conds)[:, :, -1, c]
+                left, right = max(0, c - reach), min(w, c + reach + 1)
+                x = self.embed(_twice(out[:, top:r + 1, left:right], both)).permute(0, 3, 1, 2)
+                window = None if features is None else features[:, :, top:r + 1, left:right]
+                logits = self.forward_embedded(x, classes, window)[:, :, -1, c - left]
                 out[:, r, c] = _draw(self._mix(logits, n, guidance, both), temperature, top_k, generator)
         return out
 
@@ -720,7 +745,9 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(width, num_codes, 1))
 
     @classmethod
-    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> MaskedPrior:
+    def from_config(cls, cfg: PriorConfig, num_codes: int, grid: tuple[int, int]) -> Prior:
+        if cfg.autoregressive:
+            return PixelCNNUpsamplerPrior(num_codes, cfg.patch, cfg.width, cfg.layers, cfg.kernel, cfg.dropout)
         if cfg.group > 1:
             return AttentionUpsamplerPrior(num_codes, grid, cfg.patch, cfg.width, cfg.layers, cfg.heads,
                                            cfg.dropout, cfg.decode_steps, cfg.group)
@@ -735,6 +762,10 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
                               "(the coarse image carries the level)")
         if cfg.group > 1:
             _check_heads(cfg)
+        if cfg.autoregressive:
+            if cfg.group > 1:
+                raise ConfigError("an autoregressive upsampler draws code by code: it takes no prior.group")
+            GatedPixelCNN.check_config(cfg)
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
@@ -763,6 +794,25 @@ class AttentionUpsamplerPrior(_ReadsCoarseImage, MaskGITPrior):
     def _run(self, seq: torch.Tensor, h: int, w: int, cond: torch.Tensor | None) -> torch.Tensor:
         pixels = self._pixels(cond, h, w, self.patch * self.group).flatten(2).transpose(1, 2)
         return self._logits(self._tokens(seq, h, w) + self.image(pixels), h, w)
+
+
+class PixelCNNUpsamplerPrior(_ReadsCoarseImage, GatedPixelCNN):
+    """The upsampler drawing code by code in raster order, a gated PixelCNN whose every block also reads
+    features of the whole coarse image (VQ-VAE-2's bottom prior, with the coarse level as an image). Each
+    code is drawn given all codes before it, where the masked upsamplers draw many at once from
+    conditionals that leave several likely choices each; the price is one network pass per code."""
+
+    def __init__(self, num_codes: int, patch: int, width: int = 64, layers: int = 6, kernel: int = 5,
+                 dropout: float = 0.0):
+        super().__init__(num_codes, width, layers, kernel, 0, dropout, 0.0, reads_image=True)
+        self.patch = patch
+        # each code's features read the pixels it covers and, through the blocks, 3 codes either way
+        self.image = nn.Sequential(nn.Conv2d(patch * patch, width, 3, padding=1),
+                                   _ResBlock(width, dropout), _ResBlock(width, dropout))
+
+    def _split_cond(self, cond: torch.Tensor | None, h: int, w: int
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, self.image(self._pixels(cond, h, w, self.patch))
 
 
 # Every prior kind by name; a new kind is its class and one line here.
