@@ -98,13 +98,18 @@ def test_decoding_fills_every_fine_code_and_is_reproducible():
         PriorConfig(kind="maskgit", coarse_run="coarse").validate()
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread, group):
+UPSAMPLERS = {"convolutional": ({}, UpsamplerPrior), "attention": ({"group": 2}, AttentionUpsamplerPrior),
+              "autoregressive": ({"autoregressive": True, "layers": 2, "kernel": 3}, PixelCNNUpsamplerPrior)}
+
+
+@pytest.mark.parametrize("kind", list(UPSAMPLERS))
+def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread, kind):
     torch.manual_seed(0)
-    model = _upsampler(group=group)
-    assert type(model) is (AttentionUpsamplerPrior if group > 1 else UpsamplerPrior)
+    options, cls = UPSAMPLERS[kind]
+    model = _upsampler(**options)
+    assert type(model) is cls
     # the transformer starts from GPT-2's small weights and learns slower (2e-3: 0.77 of the codes after 150 steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if group == 1 else 5e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3 if kind == "attention" else 2e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
         fine, image = _pairs(16, gen)
@@ -113,8 +118,9 @@ def test_tiny_upsampler_learns_fine_codes_from_the_coarse_image(one_thread, grou
         loss.backward()
         opt.step()
     model.eval()
-    fine, image = _pairs(32, torch.Generator().manual_seed(99))
-    drawn = model.sample(32, (8, 8), generator=torch.Generator().manual_seed(0), cond=image, steps=4)
+    fine, image = _pairs(16, torch.Generator().manual_seed(99))
+    passes = {} if kind == "autoregressive" else {"steps": 4}  # it draws code by code
+    drawn = model.sample(16, (8, 8), generator=torch.Generator().manual_seed(0), cond=image, **passes)
     assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
 
 
@@ -177,23 +183,6 @@ def test_pixelcnn_sampling_in_windows_draws_what_the_whole_grid_gives(kind):
             for c in range(grid[1]):
                 full[:, r, c] = _draw(model(full, cond)[:, :, r, c], 1.0, 0, gen)
     assert torch.equal(windowed, full) and len(full.unique()) > 4
-
-
-def test_tiny_autoregressive_upsampler_learns_fine_codes_from_the_coarse_image(one_thread):
-    torch.manual_seed(0)
-    model = _upsampler(autoregressive=True, width=32, layers=2, kernel=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        fine, image = _pairs(16, gen)
-        loss = model.loss(fine, image)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    fine, image = _pairs(16, torch.Generator().manual_seed(99))
-    drawn = model.sample(16, (8, 8), generator=torch.Generator().manual_seed(0), cond=image)
-    assert (drawn == fine).float().mean() > 0.95  # chance: 1/16
 
 
 @pytest.fixture()
