@@ -294,8 +294,9 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
     seed, kernel, init_from_codebook, cond_dropout, decode_steps, group; for ``kind="upsampler"``: coarse_run, the
-    run whose coarser reconstructions of the same slices condition it, coarse_prior, and autoregressive). Without ``num_classes`` the prior
-    conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice has one, else on nothing.
+    run whose coarser reconstructions of the same slices condition it, coarse_prior, and autoregressive).
+    Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice
+    has one, else on nothing.
     ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a
     resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
     wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a fixed

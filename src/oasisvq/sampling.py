@@ -112,18 +112,22 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         raise ConfigError(f"level {level!r}: needs a conditional prior, no cond, and 0 <= low <= high <= 1")
     if guidance < 0 or (guidance != 1 and not k_cls):
         raise ConfigError(f"guidance {guidance}: needs a conditional prior and a weight >= 0")
-    extra = {}  # the priors that decode in ranked passes (maskgit, the masked upsamplers) take these
+    masked = [isinstance(stage, MaskedPrior) for stage, _, _ in stages]  # the stages that decode in ranked passes
+    extra = {}
     if steps is not None:
-        if not isinstance(model, MaskedPrior) or steps <= 0:
+        if not masked[-1] or steps <= 0:
             raise ConfigError(f"steps {steps}: only maskgit and masked upsampler priors decode in steps "
                               "(a positive number)")
         extra["steps"] = steps
     ranking = {}  # for the coarse priors too: every masked stage ranks the codes it keeps
     if choice_temperature is not None:
-        if not any(isinstance(stage, MaskedPrior) for stage, _, _ in stages) or not 0 <= choice_temperature < math.inf:
+        if not any(masked) or not 0 <= choice_temperature < math.inf:
             raise ConfigError(f"choice temperature {choice_temperature}: only maskgit and masked upsampler priors "
                               "rank codes (a finite number >= 0)")
         ranking["choice_temperature"] = choice_temperature
+    # each stage's decoding options: the ranking for every masked stage, `steps` for the finest only
+    passes = [{**ranking, **(extra if depth == len(chain) else {})} if is_masked else {}
+              for depth, is_masked in enumerate(masked)]
 
     gen = torch.Generator(device=dev).manual_seed(seed)
     # Each upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarser
@@ -154,8 +158,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             for depth, (stage, stage_meta, _) in enumerate(stages):
                 inputs = ({"generator": gen, "cond": c, "guidance": guidance} if depth == 0 else
                           {"generator": detail_gens[depth - 1], "cond": decode_uint8(stages[depth - 1][2], idx)})
-                passes = {**(extra if depth == len(chain) else {}), **ranking} if isinstance(stage, MaskedPrior) else {}
-                idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes)
+                idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes[depth])
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
     seconds = time.perf_counter() - t0

@@ -760,12 +760,12 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
         if cfg.patch <= 0 or cfg.num_classes:
             raise ConfigError("the upsampler prior needs prior.patch > 0 (pixels per code) and no level classes "
                               "(the coarse image carries the level)")
-        if cfg.group > 1:
-            _check_heads(cfg)
         if cfg.autoregressive:
             if cfg.group > 1:
                 raise ConfigError("an autoregressive upsampler draws code by code: it takes no prior.group")
             GatedPixelCNN.check_config(cfg)
+        elif cfg.group > 1:
+            _check_heads(cfg)
 
     def init_from_codebook(self, codebook: torch.Tensor) -> None:
         with torch.no_grad():
