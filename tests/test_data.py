@@ -23,6 +23,8 @@ from oasisvq.data import (
     png_levels,
     slice_volume,
     subject_of,
+    tilt_volume,
+    tilted_slices,
 )
 from oasisvq.errors import DataError
 
@@ -212,6 +214,46 @@ def test_cache_without_levels_is_rebuilt(tmp_path, cache_dir, monkeypatch):
     assert sorted(new.position.tolist()) == [0, 0.5, 1]
     again = load_slices(_cfg(tmp_path, size=16), cache_dir=cache_dir)  # and the levels survive the cache
     assert isinstance(again._images, np.memmap) and sorted(again.position.tolist()) == [0, 0.5, 1]
+
+
+# ------------------------------------------------------------------------------------------ tilted copies
+
+
+def test_tilt_volume_turns_about_the_named_axes_and_scales_about_the_centre():
+    vol = np.zeros((21, 21, 21), np.float32)
+    vol[15, 10, 10] = 1.0  # 5 voxels right of the centre (x)
+    assert np.array_equal(tilt_volume(vol, (0, 0, 0)), vol)
+    where = lambda v: tuple(int(i) for i in np.unravel_index(np.argmax(v), v.shape))
+    assert where(tilt_volume(vol, (0, 0, 90))) == (10, 15, 10)  # a quarter turn about "up" takes right to front
+    assert where(tilt_volume(vol, (0, -90, 0))) == (10, 10, 15)  # about back-front, right goes up
+    assert where(tilt_volume(vol, (90, 0, 0))) == (15, 10, 10)  # the left-right axis itself stays put
+    vol[15, 10, 10], vol[12, 10, 10] = 0.0, 1.0  # 2 voxels right; twice the size puts it 4 right
+    assert where(tilt_volume(vol, (0, 0, 0), scale=2.0)) == (14, 10, 10)
+
+
+def test_tilted_slices_are_new_seeded_cuts_of_the_training_volumes(tmp_path):
+    for i in range(5):
+        nib.save(nib.Nifti1Image(_head_volume(seed=i), np.eye(4)), tmp_path / f"sub-{i:04d}.nii.gz")
+    cfg = _cfg(tmp_path, size=64, split_fractions=(0.6, 0.2, 0.2))
+    copies = list(tilted_slices(cfg, copies=2, seed=3, progress=False))
+    assert len(copies) == 3 * 2  # three training subjects, two copies each
+    for images, levels in copies:
+        assert images.dtype == np.uint8 and images.shape[1:] == (64, 64) and len(images) == len(levels)
+        assert levels.min() == 0 and levels.max() == 1  # levels span each tilted head as slice_volume's do
+    again = list(tilted_slices(cfg, copies=2, seed=3, progress=False))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(copies, again))
+    other = list(tilted_slices(cfg, copies=2, seed=4, progress=False))
+    assert not any(a[0].shape == b[0].shape and np.array_equal(a[0], b[0]) for a, b in zip(copies, other))
+    ss = load_slices(cfg, cache_dir=tmp_path / "cache", progress=False)
+    originals = ss.split("train").images
+    assert not any(np.array_equal(t, o) for t in copies[0][0][::8] for o in originals)
+
+
+def test_tilted_slices_refuse_2d_slices(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"case_{i:03d}_slice_0.nii.png", np.full((16, 16), 100, np.uint8))
+    with pytest.raises(DataError, match=r"case_\d+_slice_0\.nii\.png: tilted copies are made from 3D volumes"):
+        list(tilted_slices(_cfg(tmp_path, size=16), copies=1))
 
 
 # ------------------------------------------------------------------------------------------------- cache

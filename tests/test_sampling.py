@@ -39,10 +39,10 @@ def _slices(n_per_split=(12, 6, 6), seed=0) -> SliceSet:
     return SliceSet(imgs, index)
 
 
-def make_run(run_dir, downsample: int = 8, num_codes: int = 16, size: int = SIZE):
+def make_run(run_dir, downsample: int = 8, num_codes: int = 16, size: int = SIZE, data: str = "synthetic"):
     """A run folder with a (random-weight) tiny VQ-VAE checkpoint in the format training.py writes."""
     stages = downsample.bit_length() - 1
-    cfg = RunConfig(data=DataConfig(paths=["synthetic"], size=size),
+    cfg = RunConfig(data=DataConfig(paths=[data], size=size),
                     model=ModelConfig(downsample=downsample, channels=(8,) * stages, hidden=8, res_blocks=1,
                                       num_codes=num_codes, code_dim=4))
     torch.manual_seed(0)
@@ -96,6 +96,39 @@ def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_pat
         prior.train_prior(run, "transformer", epochs=1, progress=False, **TINY)
     with pytest.raises(ConfigError):  # resume keeps the saved architecture
         prior.train_prior(run, "transformer", epochs=3, resume=True, progress=False, width=32)
+
+
+def test_tilts_train_also_on_the_codes_of_tilted_training_volumes_and_are_cached(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from oasisvq import data as data_module
+
+    from .test_data import _head_volume
+
+    for i in range(5):
+        nib.save(nib.Nifti1Image(_head_volume(seed=i), np.eye(4)), tmp_path / f"sub-{i:04d}.nii.gz")
+    run_dir = make_run(tmp_path / "run", data=str(tmp_path))
+    options = dict(epochs=1, num_classes=4, cache_dir=tmp_path / "cache", progress=False, **TINY)
+    res = prior.train_prior(run_dir, "maskgit", tilts=2, **options)
+    codes, meta = load_checkpoint(run_dir / "prior-maskgit" / "codes.safetensors")
+    n_train, n_tilted = len(codes["train.codes"]), len(codes["train.tilted.codes"])
+    assert meta["tilts"] == [2, 0] and 1.5 * n_train < n_tilted < 2.5 * n_train  # two copies of each volume
+    assert res["step"] == (n_train + n_tilted) // TINY["batch_size"]  # one epoch over both
+    vq, run_cfg = prior.open_run(run_dir, torch.device("cpu"))
+    first, levels = next(data_module.tilted_slices(run_cfg.data, 2, 0, progress=False))
+    assert torch.equal(codes["train.tilted.codes"][:len(first)], prior.encode_slices(vq, first, torch.device("cpu")))
+    assert torch.equal(codes["train.tilted.position"][:len(first)], torch.from_numpy(levels))
+
+    def no_tilting(*a, **kw):
+        raise AssertionError("tilted again")
+
+    monkeypatch.setattr("oasisvq.data.tilted_slices", no_tilting)  # a second prior reads the cached copies
+    again = prior.train_prior(run_dir, "maskgit", tilts=2, overwrite=True, **options)
+    assert again["step"] == res["step"]
+    with pytest.raises(AssertionError, match="tilted again"):  # another seed draws other copies
+        prior.train_prior(run_dir, "maskgit", tilts=2, seed=1, overwrite=True, **options)
+    with pytest.raises(ConfigError, match="prior.tilts"):
+        prior.train_prior(run_dir, "upsampler", tilts=2, coarse_run=str(run_dir), **options)
 
 
 def test_train_prior_stops_on_time_budget(run):

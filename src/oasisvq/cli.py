@@ -166,7 +166,7 @@ def cmd_train_prior(a) -> int:
     from .prior import train_prior
 
     options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
-                                          "seed", "kernel", "cond_dropout", "decode_steps", "group")
+                                          "seed", "kernel", "cond_dropout", "decode_steps", "group", "tilts")
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
@@ -460,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--autoregressive", action="store_true",
                     help="upsampler: draw the fine codes one by one in raster order (a gated PixelCNN reading the "
                          "coarse image, as VQ-VAE-2) instead of in parallel masked passes; slower to sample")
+    tp.add_argument("--tilts", type=_positive_int, metavar="N",
+                    help="train also on N tilted copies of every training volume (turned up to 10 degrees, scaled "
+                         "up to 6%%, sliced again: new real cross-sections for small sets; volumes only, not the "
+                         "upsampler)")
     tp.add_argument("--lr", type=_positive_float)
     tp.add_argument("--batch-size", type=_positive_int)
     tp.add_argument("--seed", type=int)

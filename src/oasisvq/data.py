@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -169,6 +170,24 @@ def slice_volume(vol: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarr
     pos = ((keep - first) / max(last - first, 1)).astype(np.float32)
     out = np.stack([fit_to_size(np.rint(slices[k] * 255).astype(np.uint8), cfg.size) for k in keep])
     return out, keep, pos
+
+
+def tilt_volume(vol: np.ndarray, degrees: tuple[float, float, float], scale: float = 1.0) -> np.ndarray:
+    """``vol`` (RAS, isotropic voxels) turned about its centre by ``degrees`` about the left-right, back-front
+    and up axes (applied in that order) and scaled by ``scale``; trilinear, zeros outside."""
+    a, b, c = np.deg2rad(degrees)
+    about_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    about_z = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    half = np.maximum((np.array(vol.shape) - 1) / 2, 0.5)
+    axes = [torch.arange(n, dtype=torch.float32) - h for n, h in zip(vol.shape, half)]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # voxels from the centre, (X, Y, Z, 3)
+    rotation = torch.from_numpy(about_z @ about_y @ about_x).float()
+    source = points @ rotation / scale  # p @ R is R^T p: where each output voxel is read from
+    grid = (source / torch.from_numpy(half).float()).flip(-1)  # grid_sample wants (z, y, x) in [-1, 1]
+    out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(vol, np.float32))[None, None], grid[None],
+                        mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -532,6 +551,30 @@ def _read_source(f: SourceFile, cfg: DataConfig, level: float = np.nan):
             raise DataError(f"{f.mask}: mask shape {m.shape} differs from its image {f.path} {img.shape}")
         mask = fit_to_size(m, cfg.size, nearest=True)
     return fitted[None], mask[None], [_slice_number(f.path) or 0], [level], resized
+
+
+# Heads lie in a scanner turned by a few degrees and differ in size by a few percent: a training volume turned
+# and scaled this much and sliced again gives new, real cross-sections of the same anatomy (pitch, roll, yaw).
+TILT_DEGREES = (10.0, 6.0, 6.0)
+TILT_SCALE = 0.06
+
+
+def tilted_slices(cfg: DataConfig, copies: int, seed: int = 0, progress: bool = True):
+    """Yield (slices uint8 (S, size, size), levels (S,)) of ``copies`` randomly tilted copies of every training
+    volume of ``cfg`` (split as ``load_slices`` splits them), each sliced as ``load_slices`` slices volumes.
+    Copy k of training volume i is drawn from ``seed``, i and k alone: the same for every call."""
+    files = [f for p in cfg.paths for f in discover(p, cfg.image_pattern).files]
+    train = [f for f, split in zip(files, assign_splits(files, cfg.split_fractions, cfg.seed)) if split == "train"]
+    flat = [f.path for f in train if f.kind != "volume"]
+    if flat:
+        raise DataError(f"{flat[0]}: tilted copies are made from 3D volumes; this is a 2D slice")
+    for i, f in enumerate(tqdm(train, desc="tilt", disable=not progress, leave=False)):
+        vol = load_volume(f.path)
+        for k in range(copies):
+            draw = np.random.default_rng([seed, i, k])
+            degrees = draw.uniform(-1, 1, 3) * TILT_DEGREES
+            images, _, levels = slice_volume(tilt_volume(vol, degrees, 1 + draw.uniform(-TILT_SCALE, TILT_SCALE)), cfg)
+            yield images, levels
 
 
 # ------------------------------------------------------------------------------------------------ inspect

@@ -86,44 +86,61 @@ def position_classes(position: np.ndarray, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def encode_slices(model, slices, device: torch.device, batch_size: int = 64, progress: bool = True,
                   desc: str = "encode") -> torch.Tensor:
-    """Code grids (N, h, w) int32 of every slice of a SliceSet."""
+    """Code grids (N, h, w) int32 of every slice of a SliceSet (or of a uint8 array (N, H, W))."""
+    batch = slices.tensor if hasattr(slices, "tensor") else \
+        lambda idx: torch.from_numpy(slices[idx]).unsqueeze(1).float().div_(255.0)
     out = []
     for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = np.arange(i, min(i + batch_size, len(slices)))
-        out.append(model.encode(slices.tensor(idx).to(device)).to(torch.int32).cpu())
+        out.append(model.encode(batch(np.arange(i, min(i + batch_size, len(slices)))).to(device)).to(torch.int32).cpu())
     return torch.cat(out)
 
 
-def current_codes(path: Path, vqvae_fingerprint: str) -> dict[str, torch.Tensor] | None:
-    """The code grids cached in ``path`` if they were encoded by the VQ-VAE of that fingerprint, else None
-    (missing, stale or damaged: encode again)."""
+def current_codes(path: Path, vqvae_fingerprint: str, tilts: tuple[int, int] = (0, 0)
+                  ) -> dict[str, torch.Tensor] | None:
+    """The code grids cached in ``path`` if they were encoded by the VQ-VAE of that fingerprint (and hold
+    the tilted copies ``tilts`` = (copies, seed) asks for), else None (missing, stale or damaged: encode
+    again)."""
     if not path.is_file():
         return None
     try:
         tensors, meta = load_checkpoint(path)
     except CheckpointError:
         return None
-    return tensors if meta.get("vqvae") == vqvae_fingerprint and meta.get("kind") == "codes" else None
+    if meta.get("vqvae") != vqvae_fingerprint or meta.get("kind") != "codes":
+        return None
+    return tensors if not tilts[0] or meta.get("tilts") == list(tilts) else None
 
 
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
                  cache_dir: Path | str | None = None, progress: bool = True, vqvae_fingerprint: str = "",
-                 path: Path | None = None) -> dict[str, torch.Tensor]:
+                 path: Path | None = None, tilts: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
     """Train/validate code grids and slice positions, from ``path`` (default
     ``prior-<kind>/codes.safetensors``) if it matches the run's current VQ-VAE (``vqvae_fingerprint``,
-    hashed here if not given), else encoded now and cached."""
+    hashed here if not given), else encoded now and cached. ``tilts`` = (copies, seed) > 0 copies adds
+    ``train.tilted.codes`` / ``.position``: the codes of tilted copies of the training volumes."""
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
-    tensors = current_codes(path, fp)
+    tensors = current_codes(path, fp, tilts)
     if tensors is not None:
         return tensors
-    slices = run_slices(run_cfg, cache_dir, progress)
-    tensors = {}
-    for split in ("train", "validate"):
-        part = slices.split(split)
-        tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
-        tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
-    save_checkpoint(path, tensors, {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes})
+    tensors = current_codes(path, fp) or {}
+    if "train.codes" not in tensors:
+        slices = run_slices(run_cfg, cache_dir, progress)
+        for split in ("train", "validate"):
+            part = slices.split(split)
+            tensors[f"{split}.codes"] = encode_slices(model, part, device, progress=progress, desc=f"encode {split}")
+            tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
+    meta = {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes}
+    if tilts[0]:
+        from . import data
+
+        codes, levels = [], []
+        for images, position in data.tilted_slices(run_cfg.data, *tilts, progress=progress):
+            codes.append(encode_slices(model, images, device, progress=False))
+            levels.append(torch.from_numpy(position.astype(np.float32)))
+        tensors["train.tilted.codes"], tensors["train.tilted.position"] = torch.cat(codes), torch.cat(levels)
+        meta["tilts"] = list(tilts)
+    save_checkpoint(path, tensors, meta)
     return tensors
 
 
@@ -186,6 +203,10 @@ class PriorTask(training.Task):
         self.lr_hint = f"Lower the prior's learning rate (lr = {cfg.lr})"
         self.checkpoint_dir, self.metrics_path = pdir, pdir / "metrics.csv"
         self.train_codes, val_codes = codes["train.codes"], codes["validate.codes"]
+        train_position = codes["train.position"]
+        if cfg.tilts:  # the tilted copies' slices keep the level they have in their copy of the head
+            self.train_codes = torch.cat([self.train_codes, codes["train.tilted.codes"]])
+            train_position = torch.cat([train_position, codes["train.tilted.position"]])
         self.n_items = len(self.train_codes)
         val_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(val_codes))[:val_grids])
         self.val_codes = val_codes[torch.from_numpy(val_pick)]
@@ -195,7 +216,7 @@ class PriorTask(training.Task):
             self.train_cond = codes["train.coarse"]
             self.val_cond = codes["validate.coarse"][torch.from_numpy(val_pick)]
         elif cfg.num_classes:
-            self.train_cond = position_classes(codes["train.position"].numpy(), cfg.num_classes)
+            self.train_cond = position_classes(train_position.numpy(), cfg.num_classes)
             self.val_cond = position_classes(codes["validate.position"].numpy()[val_pick], cfg.num_classes)
             class_counts = torch.bincount(self.train_cond, minlength=cfg.num_classes).tolist()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -350,7 +371,8 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
                           stacklevel=2)
         def read_codes(show: bool):
-            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp)
+            codes = cached_codes(run_dir, kind, vq, run_cfg, dev, cache_dir, show, vqvae_fingerprint=fp,
+                                 tilts=(cfg.tilts, cfg.seed))
             return codes, (coarse_images(cfg, run_cfg, pdir, dev, cache_dir, show) if cfg.kind == "upsampler" else None)
 
         if rank == 0:  # one rank encodes and caches the codes; the others then read the cache

@@ -60,6 +60,9 @@ class PriorConfig:
     # upsampler only: draw the fine codes one by one in raster order (a gated PixelCNN reading the coarse
     # image) instead of in parallel masked passes
     autoregressive: bool = False
+    # train also on this many tilted copies of every training volume (data.tilted_slices): more real
+    # cross-sections for priors that overfit a few subjects; volumes only, not the upsampler
+    tilts: int = 0
 
     def validate(self) -> PriorConfig:
         if self.kind not in PRIOR_KINDS:
@@ -67,6 +70,9 @@ class PriorConfig:
         for name in ("layers", "width", "heads", "batch_size", "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prior.{name} must be positive, got {getattr(self, name)}")
+        if self.tilts < 0 or (self.tilts and self.kind == "upsampler"):
+            raise ConfigError(f"prior.tilts must be >= 0, and 0 for the upsampler (its coarse images are not "
+                              f"tilted); got {self.tilts} for {self.kind!r}")
         PRIOR_KINDS[self.kind].check_config(self)
         if self.group < 1 or (self.group > 1 and self.kind not in ("maskgit", "upsampler")):
             raise ConfigError(f"prior.group must be 1, or > 1 for the maskgit and upsampler priors only; got "
