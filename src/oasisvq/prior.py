@@ -95,20 +95,21 @@ def encode_slices(model, slices, device: torch.device, batch_size: int = 64, pro
     return torch.cat(out)
 
 
-def current_codes(path: Path, vqvae_fingerprint: str, tilts: tuple[int, int] = (0, 0)
-                  ) -> dict[str, torch.Tensor] | None:
-    """The code grids cached in ``path`` if they were encoded by the VQ-VAE of that fingerprint (and hold
-    the tilted copies ``tilts`` = (copies, seed) asks for), else None (missing, stale or damaged: encode
-    again)."""
+def _codes_file(path: Path, vqvae_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of the code cache ``path`` if the VQ-VAE of that fingerprint encoded them,
+    else ({}, {}) (missing, stale or damaged: encode again)."""
     if not path.is_file():
-        return None
+        return {}, {}
     try:
         tensors, meta = load_checkpoint(path)
     except CheckpointError:
-        return None
-    if meta.get("vqvae") != vqvae_fingerprint or meta.get("kind") != "codes":
-        return None
-    return tensors if not tilts[0] or meta.get("tilts") == list(tilts) else None
+        return {}, {}
+    return (dict(tensors), meta) if meta.get("vqvae") == vqvae_fingerprint and meta.get("kind") == "codes" else ({}, {})
+
+
+def current_codes(path: Path, vqvae_fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The code grids cached in ``path`` if they were encoded by the VQ-VAE of that fingerprint, else None."""
+    return _codes_file(path, vqvae_fingerprint)[0] or None
 
 
 def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.device,
@@ -120,11 +121,10 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
     ``train.tilted.codes`` / ``.position``: the codes of tilted copies of the training volumes."""
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
-    tensors = current_codes(path, fp, tilts)
-    if tensors is not None:
+    tensors, meta = _codes_file(path, fp)
+    if tensors and (not tilts[0] or meta.get("tilts") == list(tilts)):
         return tensors
-    tensors = current_codes(path, fp) or {}
-    if "train.codes" not in tensors:
+    if not tensors:  # with other tilted copies only those are drawn again
         slices = run_slices(run_cfg, cache_dir, progress)
         for split in ("train", "validate"):
             part = slices.split(split)
@@ -314,7 +314,8 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     """Train a prior of ``kind`` on the code grids of the run's training split.
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
-    seed, kernel, init_from_codebook, cond_dropout, decode_steps, group; for ``kind="upsampler"``: coarse_run, the
+    seed, kernel, init_from_codebook, cond_dropout, decode_steps, group, tilts (runs on volumes: tilted copies of
+    the training volumes, ``data.tilted_slices``); for ``kind="upsampler"``: coarse_run, the
     run whose coarser reconstructions of the same slices condition it, coarse_prior, and autoregressive).
     Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice
     has one, else on nothing.
