@@ -112,7 +112,7 @@ def test_tilts_train_also_on_the_codes_of_tilted_training_volumes_and_are_cached
     res = prior.train_prior(run_dir, "maskgit", tilts=2, **options)
     codes, meta = load_checkpoint(run_dir / "prior-maskgit" / "codes.safetensors")
     n_train, n_tilted = len(codes["train.codes"]), len(codes["train.tilted.codes"])
-    assert meta["tilts"] == [2, 0] and 1.5 * n_train < n_tilted < 2.5 * n_train  # two copies of each volume
+    assert meta["tilts"] == [2, 0, data_module.TILT_VERSION] and 1.5 * n_train < n_tilted < 2.5 * n_train  # two copies of each volume
     assert res["step"] == (n_train + n_tilted) // TINY["batch_size"]  # one epoch over both
     vq, run_cfg = prior.open_run(run_dir, torch.device("cpu"))
     first, levels = next(data_module.tilted_slices(run_cfg.data, 2, 0, progress=False))
@@ -127,6 +127,10 @@ def test_tilts_train_also_on_the_codes_of_tilted_training_volumes_and_are_cached
     assert again["step"] == res["step"]
     with pytest.raises(AssertionError, match="tilted again"):  # another seed draws other copies
         prior.train_prior(run_dir, "maskgit", tilts=2, seed=1, overwrite=True, **options)
+    cache = run_dir / "prior-maskgit" / "codes.safetensors"
+    save_checkpoint(cache, codes, {**meta, "tilts": [2, 0, data_module.TILT_VERSION - 1]})
+    with pytest.raises(AssertionError, match="tilted again"):  # so do copies an older tilt_volume made
+        prior.train_prior(run_dir, "maskgit", tilts=2, overwrite=True, **options)
     with pytest.raises(ConfigError, match="prior.tilts"):
         prior.train_prior(run_dir, "upsampler", tilts=2, coarse_run=str(run_dir), **options)
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
 from tqdm import tqdm
 
 from .config import DataConfig
@@ -174,20 +174,20 @@ def slice_volume(vol: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarr
 
 def tilt_volume(vol: np.ndarray, degrees: tuple[float, float, float], scale: float = 1.0) -> np.ndarray:
     """``vol`` (RAS, isotropic voxels) turned about its centre by ``degrees`` about the left-right, back-front
-    and up axes (applied in that order) and scaled by ``scale``; trilinear, zeros outside."""
+    and up axes (applied in that order) and scaled by ``scale``; zeros outside.
+
+    Cubic B-spline interpolation: trilinear blurs an oblique cut by about a third (mean |Laplacian| inside
+    the head of a 5-degree tilt), cubic by about a tenth; the result is clipped to the input's range, so the
+    spline's overshoot at the skull makes no new intensities."""
     a, b, c = np.deg2rad(degrees)
     about_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     about_y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
     about_z = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    half = np.maximum((np.array(vol.shape) - 1) / 2, 0.5)
-    axes = [torch.arange(n, dtype=torch.float32) - h for n, h in zip(vol.shape, half)]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # voxels from the centre, (X, Y, Z, 3)
-    rotation = torch.from_numpy(about_z @ about_y @ about_x).float()
-    source = points @ rotation / scale  # p @ R is R^T p: where each output voxel is read from
-    grid = (source / torch.from_numpy(half).float()).flip(-1)  # grid_sample wants (z, y, x) in [-1, 1]
-    out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(vol, np.float32))[None, None], grid[None],
-                        mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0, 0].numpy()
+    read_from = (about_z @ about_y @ about_x).T / scale  # output voxel p (from the centre) reads R^T p / scale
+    centre = (np.array(vol.shape) - 1) / 2
+    vol = np.asarray(vol, np.float32)
+    out = ndimage.affine_transform(vol, read_from, offset=centre - read_from @ centre, order=3, mode="constant")
+    return np.clip(out, vol.min(initial=0), vol.max(initial=0))
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -557,6 +557,7 @@ def _read_source(f: SourceFile, cfg: DataConfig, level: float = np.nan):
 # and scaled this much and sliced again gives new, real cross-sections of the same anatomy (pitch, roll, yaw).
 TILT_DEGREES = (10.0, 6.0, 6.0)
 TILT_SCALE = 0.06
+TILT_VERSION = 2  # of tilt_volume's resampling (1 was trilinear), kept beside cached codes of tilted copies
 
 
 def tilted_slices(cfg: DataConfig, copies: int, seed: int = 0, progress: bool = True):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import training
+from . import data, training
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import DataConfig
 from .errors import CheckpointError, ConfigError, DataError
@@ -60,8 +60,6 @@ def open_run(run_dir: Path | str, device: torch.device):
 
 
 def run_slices(run_cfg, cache_dir, progress: bool):
-    from . import data  # looked up at call time: tests stand in their own slices
-
     return data.load_slices(run_cfg.data, cache_dir, progress=progress)
 
 
@@ -122,7 +120,8 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
     path = path or prior_dir(run_dir, kind) / CODES_FILE
     fp = vqvae_fingerprint or fingerprint(Path(run_dir))
     tensors, meta = _codes_file(path, fp)
-    if tensors and (not tilts[0] or meta.get("tilts") == list(tilts)):
+    tilted = [*tilts, data.TILT_VERSION]  # copies from an older tilt_volume are drawn again
+    if tensors and (not tilts[0] or meta.get("tilts") == tilted):
         return tensors
     if not tensors:  # with other tilted copies only those are drawn again
         slices = run_slices(run_cfg, cache_dir, progress)
@@ -132,14 +131,12 @@ def cached_codes(run_dir: Path | str, kind: str, model, run_cfg, device: torch.d
             tensors[f"{split}.position"] = torch.from_numpy(np.asarray(part.position, dtype=np.float32))
     meta = {"kind": "codes", "vqvae": fp, "num_codes": model.cfg.num_codes}
     if tilts[0]:
-        from . import data
-
         codes, levels = [], []
         for images, position in data.tilted_slices(run_cfg.data, *tilts, progress=progress):
             codes.append(encode_slices(model, images, device, progress=False))
             levels.append(torch.from_numpy(position.astype(np.float32)))
         tensors["train.tilted.codes"], tensors["train.tilted.position"] = torch.cat(codes), torch.cat(levels)
-        meta["tilts"] = list(tilts)
+        meta["tilts"] = tilted
     save_checkpoint(path, tensors, meta)
     return tensors
 
