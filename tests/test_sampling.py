@@ -112,7 +112,8 @@ def test_tilts_train_also_on_the_codes_of_tilted_training_volumes_and_are_cached
     res = prior.train_prior(run_dir, "maskgit", tilts=2, **options)
     codes, meta = load_checkpoint(run_dir / "prior-maskgit" / "codes.safetensors")
     n_train, n_tilted = len(codes["train.codes"]), len(codes["train.tilted.codes"])
-    assert meta["tilts"] == [2, 0, data_module.TILT_VERSION] and 1.5 * n_train < n_tilted < 2.5 * n_train  # two copies of each volume
+    assert meta["tilts"] == [2, 0, data_module.TILT_VERSION]  # copies, seed, resampling
+    assert 1.5 * n_train < n_tilted < 2.5 * n_train  # two copies of each volume
     assert res["step"] == (n_train + n_tilted) // TINY["batch_size"]  # one epoch over both
     vq, run_cfg = prior.open_run(run_dir, torch.device("cpu"))
     first, levels = next(data_module.tilted_slices(run_cfg.data, 2, 0, progress=False))
