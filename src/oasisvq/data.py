@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 from tqdm import tqdm
 
 from .config import DataConfig
@@ -179,6 +178,8 @@ def tilt_volume(vol: np.ndarray, degrees: tuple[float, float, float], scale: flo
     Cubic B-spline interpolation: trilinear blurs an oblique cut by about a third (mean |Laplacian| inside
     the head of a 5-degree tilt), cubic by about a tenth; the result is clipped to the input's range, so the
     spline's overshoot at the skull makes no new intensities."""
+    from scipy import ndimage  # here, not at the top: it adds about 0.2 s to every import of this module
+
     a, b, c = np.deg2rad(degrees)
     about_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     about_y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
@@ -188,6 +189,11 @@ def tilt_volume(vol: np.ndarray, degrees: tuple[float, float, float], scale: flo
     vol = np.asarray(vol, np.float32)
     out = ndimage.affine_transform(vol, read_from, offset=centre - read_from @ centre, order=3, mode="constant")
     return np.clip(out, vol.min(initial=0), vol.max(initial=0))
+
+
+def images_tensor(images: np.ndarray) -> torch.Tensor:
+    """Float batch (B, 1, H, W) in [0, 1] of uint8 slices (B, H, W)."""
+    return torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------------------------- discovery
@@ -395,7 +401,7 @@ class SliceSet:
 
     def tensor(self, idx: np.ndarray | list[int]) -> torch.Tensor:
         """Float batch (B, 1, H, W) in [0, 1] of the slices at positions ``idx`` of this set."""
-        return torch.from_numpy(self.uint8(idx)).unsqueeze(1).float().div_(255.0)
+        return images_tensor(self.uint8(idx))
 
     def nearest_levels(self, levels: list[float] | np.ndarray) -> list[int]:
         """Positions in this set of its first subject's slices nearest each of ``levels``: one head, for

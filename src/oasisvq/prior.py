@@ -85,11 +85,11 @@ def position_classes(position: np.ndarray, num_classes: int) -> torch.Tensor:
 def encode_slices(model, slices, device: torch.device, batch_size: int = 64, progress: bool = True,
                   desc: str = "encode") -> torch.Tensor:
     """Code grids (N, h, w) int32 of every slice of a SliceSet (or of a uint8 array (N, H, W))."""
-    batch = slices.tensor if hasattr(slices, "tensor") else \
-        lambda idx: torch.from_numpy(slices[idx]).unsqueeze(1).float().div_(255.0)
+    batch = slices.tensor if hasattr(slices, "tensor") else lambda idx: data.images_tensor(slices[idx])
     out = []
     for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, leave=False):
-        out.append(model.encode(batch(np.arange(i, min(i + batch_size, len(slices)))).to(device)).to(torch.int32).cpu())
+        x = batch(np.arange(i, min(i + batch_size, len(slices)))).to(device)
+        out.append(model.encode(x).to(torch.int32).cpu())
     return torch.cat(out)
 
 
@@ -102,7 +102,9 @@ def _codes_file(path: Path, vqvae_fingerprint: str) -> tuple[dict[str, torch.Ten
         tensors, meta = load_checkpoint(path)
     except CheckpointError:
         return {}, {}
-    return (dict(tensors), meta) if meta.get("vqvae") == vqvae_fingerprint and meta.get("kind") == "codes" else ({}, {})
+    if meta.get("vqvae") != vqvae_fingerprint or meta.get("kind") != "codes":
+        return {}, {}
+    return dict(tensors), meta
 
 
 def current_codes(path: Path, vqvae_fingerprint: str) -> dict[str, torch.Tensor] | None:
