@@ -12,11 +12,13 @@ from oasisvq.errors import ConfigError
 from oasisvq.models.priors import (
     PRIOR_KINDS,
     GatedPixelCNN,
+    LevelEmbedding,
     MaskGITPrior,
     PriorConfig,
     TransformerPrior,
     build_prior,
     guided_logits,
+    level_coordinates,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,6 +231,34 @@ def test_cond_dropout_happens_only_in_training(kind):
     model.cond_dropout = 0.0
     model(idx, cond)
     assert torch.equal(seen[-1], cond)
+
+
+def test_levels_between_class_centres_are_embedded_between_their_classes():
+    coords = level_coordinates(torch.tensor([0.0, 1 / 16, 3 / 16, 0.25, 0.9, 1.0]), 8)
+    assert coords.tolist() == pytest.approx([0, 0, 1, 1.5, 6.7, 7])  # centres map to whole classes; ends clamp
+    torch.manual_seed(0)
+    emb = LevelEmbedding(9, 5)  # 8 classes and the null class
+    whole = torch.tensor([0, 3, 7, 8])
+    assert torch.equal(emb(whole), emb.weight[whole])  # whole classes: a plain lookup
+    assert torch.allclose(emb(whole.float()), emb.weight[whole])  # the same class given as a float
+    blend = emb(torch.tensor([1.5, 6.7]))
+    assert torch.allclose(blend[0], (emb.weight[1] + emb.weight[2]) / 2)
+    assert torch.allclose(blend[1], 0.3 * emb.weight[6] + 0.7 * emb.weight[7], atol=1e-6)
+    one = LevelEmbedding(2, 3)  # a single class: every level is that class
+    assert torch.allclose(one(torch.tensor([0.0, 0.4])), one.weight[[0, 0]])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "pixelcnn", "maskgit"])
+def test_every_prior_takes_fractional_levels(kind):
+    torch.manual_seed(0)
+    model = _tiny(kind, num_classes=3).eval()
+    idx = torch.randint(0, 10, (3, 3, 4))
+    assert torch.allclose(model(idx, torch.tensor([0, 2, 3])), model(idx, torch.tensor([0.0, 2.0, 3.0])), atol=1e-6)
+    between = model(idx, torch.tensor([0.5, 0.5, 0.5]))
+    assert not torch.allclose(between, model(idx, torch.tensor([0, 0, 0])))
+    assert not torch.allclose(between, model(idx, torch.tensor([1, 1, 1])))
+    with pytest.raises(ValueError, match="must lie in"):
+        model(idx, torch.tensor([-0.5, 0.0, 0.0]))
 
 
 def test_guided_logits_mixes_conditional_and_unconditional():

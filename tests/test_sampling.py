@@ -16,6 +16,7 @@ from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError, DataError
 from oasisvq.evaluation import evaluate_sample_dir
 from oasisvq.models import VQVAE
+from oasisvq.models.priors import MaskGITPrior, level_coordinates
 
 from .conftest import load_benchmark
 
@@ -308,6 +309,30 @@ def test_priors_condition_on_the_level_by_default_where_slices_have_one(run, tmp
     for bad in ({"level": 0.5}, {"guidance": 2.0}):
         with pytest.raises(ConfigError, match="conditional prior"):
             sampling.sample(run, "pixelcnn", n=1, out=tmp_path / "y", progress=False, **bad)
+
+
+def test_priors_learn_and_sample_exact_levels_and_older_priors_keep_their_bins(run, tmp_path, monkeypatch):
+    conds = []
+    real_loss, real_sample = MaskGITPrior.loss, MaskGITPrior.sample
+    monkeypatch.setattr(MaskGITPrior, "loss", lambda self, x, cond=None: conds.append(cond) or real_loss(self, x, cond))
+    prior.train_prior(run, "maskgit", epochs=1, progress=False, **TINY)
+    trained = torch.cat(conds)  # training batches and validation: each slice's exact level as a fractional class
+    assert trained.is_floating_point() and (trained != trained.round()).any()
+    monkeypatch.setattr(MaskGITPrior, "sample",
+                        lambda self, *a, cond=None, **kw: conds.append(cond) or real_sample(self, *a, cond=cond, **kw))
+    info = sampling.sample(run, "maskgit", n=4, out=tmp_path / "exact", level=(0.2, 0.4), steps=2, progress=False)
+    expected = level_coordinates(torch.tensor(info["levels"]), prior.LEVEL_CLASSES)
+    assert torch.allclose(conds[-1].cpu(), expected, atol=1e-3)  # the levels are rounded in samples.json
+    for name in ("best", "last"):  # a prior saved before interpolate_levels existed learned bins
+        path = run / "prior-maskgit" / f"{name}.safetensors"
+        tensors, meta = load_checkpoint(path)
+        del meta["prior_config"]["interpolate_levels"]
+        save_checkpoint(path, tensors, meta)
+    info = sampling.sample(run, "maskgit", n=4, out=tmp_path / "bins", level=(0.2, 0.4), steps=2, progress=False)
+    assert conds[-1].dtype == torch.long and conds[-1].tolist() == info["classes"]
+    conds.clear()
+    prior.train_prior(run, "maskgit", epochs=2, resume=True, progress=False)
+    assert all(c.dtype == torch.long for c in conds)  # resumed, it goes on learning bins
 
 
 def test_a_conditional_prior_of_the_previous_format_fails_with_one_line(run):

@@ -10,7 +10,8 @@ Layout inside a run folder::
 
 The code cache is keyed by a hash of the VQ-VAE checkpoint it was encoded with, so retraining the VQ-VAE
 re-encodes. With a conditional prior (``num_classes > 0``) the class of a slice is its level: its relative
-position in the head, cut into ``num_classes`` equal bins (0 = first head-bearing slice).
+position in the head, cut into ``num_classes`` equal bins (0 = first head-bearing slice); the prior learns
+each slice's exact level, between its bins' centres (``interpolate_levels``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from . import data, training
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import DataConfig
 from .errors import CheckpointError, ConfigError, DataError
-from .models.priors import PRIOR_KINDS, PriorConfig, build_prior
+from .models.priors import PRIOR_KINDS, PriorConfig, build_prior, level_coordinates
 
 METRIC_FIELDS = ["epoch", "step", "time_s", "lr", "train_bits", "val_bits"]
 CODES_FILE = "codes.safetensors"
@@ -215,9 +216,12 @@ class PriorTask(training.Task):
             self.train_cond = codes["train.coarse"]
             self.val_cond = codes["validate.coarse"][torch.from_numpy(val_pick)]
         elif cfg.num_classes:
-            self.train_cond = position_classes(train_position.numpy(), cfg.num_classes)
-            self.val_cond = position_classes(codes["validate.position"].numpy()[val_pick], cfg.num_classes)
+            positions = train_position, codes["validate.position"][torch.from_numpy(val_pick)]
+            # the bins count the classes (and refuse slices without a level) whichever the prior learns
+            self.train_cond, self.val_cond = (position_classes(p.numpy(), cfg.num_classes) for p in positions)
             class_counts = torch.bincount(self.train_cond, minlength=cfg.num_classes).tolist()
+            if cfg.interpolate_levels:  # each slice's own level, between its classes' centres
+                self.train_cond, self.val_cond = (level_coordinates(p, cfg.num_classes) for p in positions)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         grid = tuple(self.train_codes.shape[1:])
         self.model = build_prior(cfg, vq.cfg.num_codes, grid).to(device)
@@ -302,8 +306,9 @@ def _check_format(path: Path, meta: dict[str, Any]) -> None:
 
 def saved_config(meta: dict[str, Any]) -> PriorConfig:
     """The PriorConfig of a checkpoint's metadata. Format 2 wrote ``coarse_codes`` (0 but for the upsamplers
-    that _check_format refuses): dropped."""
-    return PriorConfig(**{k: v for k, v in meta["prior_config"].items() if k != "coarse_codes"})
+    that _check_format refuses): dropped. Priors saved before ``interpolate_levels`` learned level bins."""
+    saved = {k: v for k, v in meta["prior_config"].items() if k != "coarse_codes"}
+    return PriorConfig(**{"interpolate_levels": False, **saved})
 
 
 def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None = None,

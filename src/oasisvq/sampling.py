@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError
-from .models.priors import MaskedPrior
-from .prior import decode_uint8, fingerprint, load_prior, open_run, prior_dir
+from .models.priors import MaskedPrior, level_coordinates
+from .prior import decode_uint8, fingerprint, load_prior, open_run, prior_dir, saved_config
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DETAIL_SEED = 0x5EED_DE7A  # the upsampler's random stream: seed XOR this
@@ -60,7 +60,8 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
 
     Same seed, settings, batch size and device give byte-identical PNGs. A conditional (level) prior draws
     each slice's level uniformly from ``level`` (a number, or a (low, high) range within [0, 1]), or takes
-    the level class ``cond``; with neither, classes follow their training frequencies. ``guidance`` is the
+    the level class ``cond``; with neither, classes follow their training frequencies. A prior trained on
+    exact levels (``interpolate_levels``) is given the drawn level itself, not its class. ``guidance`` is the
     classifier-free guidance weight (0: unconditional, 1: plain conditional, > 1: stronger). ``steps`` sets
     the decoding passes of a masked (MaskGIT) prior; for the upsampler, its own passes (the coarse prior
     keeps its default), and the coarse layouts equal the coarse prior's own samples for the same seed.
@@ -133,7 +134,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     # Each upsampler draws from its own stream, so the layouts (levels, coarse codes) are those the coarser
     # priors alone draw with the same seed and batch size: a cascade compares with its parts sample by sample.
     detail_gens = [torch.Generator(device=dev).manual_seed((seed ^ DETAIL_SEED) + depth) for depth in range(len(chain))]
-    conds = levels = None
+    conds = levels = prior_cond = None
     if k_cls:
         if level is not None:
             levels = lo + (hi - lo) * torch.rand(n, generator=gen, device=dev)
@@ -145,13 +146,16 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             conds = torch.full((n,), cond, dtype=torch.long, device=dev)
         if levels is None:  # the middle of each level class
             levels = (conds.float() + 0.5) / k_cls
+        # a prior that learned exact levels is given the drawn level itself (between its classes' centres)
+        exact = level is not None and saved_config(cond_meta).interpolate_levels
+        prior_cond = level_coordinates(levels, k_cls) if exact else conds
     out.mkdir(parents=True, exist_ok=True)
     images = []
     t0 = time.perf_counter()
     with torch.no_grad(), tqdm(total=n, desc=f"sample {prior}", disable=not progress) as bar:
         for b in range(0, n, batch_size):
             m = min(batch_size, n - b)
-            c = None if conds is None else conds[b:b + m]
+            c = None if prior_cond is None else prior_cond[b:b + m]
             # coarsest first; each upsampler reads the image of the codes below it. The coarser priors
             # decode in their own passes: `steps` are the finest prior's.
             idx = None  # the codes of the level below, once drawn

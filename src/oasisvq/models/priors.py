@@ -12,7 +12,9 @@ All read a grid of code indices ``(N, h, w)`` and share one interface:
 
 The upsampler's ``cond`` is a coarser run's reconstruction of the slice (N, 1, H, W). Conditional priors (``num_classes > 0``)
 take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
-is a learned null class ("no class"). In training mode each grid's class is replaced by the null class
+is a learned null class ("no class"). A floating-point ``cond`` below ``num_classes`` is a fractional class
+(``level_coordinates``: a slice level between two classes' centres), embedded by linear interpolation
+between their embeddings (``LevelEmbedding``). In training mode each grid's class is replaced by the null class
 with probability ``cond_dropout``, so one network learns both p(codes | class) and p(codes) and sampling
 can use classifier-free guidance: ``l = l_uncond + guidance * (l_cond - l_uncond)``.
 
@@ -40,7 +42,10 @@ class PriorConfig:
     layers: int = 4
     width: int = 128  # transformer / MaskGIT embedding size, PixelCNN channels
     heads: int = 4  # transformer and MaskGIT
-    num_classes: int = 0  # 0: unconditional; else cond is an int in [0, num_classes], num_classes: none
+    num_classes: int = 0  # 0: unconditional; else cond is a class in [0, num_classes], num_classes: none
+    # conditional priors: trained on each slice's exact level as a fractional class (level_coordinates) instead
+    # of its bin; False in priors saved before this option (they learned bins, and sample from bins)
+    interpolate_levels: bool = True
     dropout: float = 0.0  # on the embeddings and residual branches (not on attention weights: see SelfAttention)
     cond_dropout: float = 0.1  # conditional priors: P(class -> null class) per training grid, for guidance
     lr: float = 1e-3
@@ -108,8 +113,31 @@ def _check_cond(cond: torch.Tensor | None, n: int, num_classes: int) -> None:
                          f"({num_classes}: the null class)")
     if cond.shape != (n,):
         raise ValueError(f"cond must have shape ({n},), got {tuple(cond.shape)}")
-    if n and (int(cond.min()) < 0 or int(cond.max()) > num_classes):
+    if n and (float(cond.min()) < 0 or float(cond.max()) > num_classes):
         raise ValueError(f"cond values must lie in [0, {num_classes}] ({num_classes}: the null class)")
+
+
+def level_coordinates(levels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Slice levels in [0, 1] -> fractional classes in [0, num_classes - 1]: class k's centre, level
+    (k + 0.5) / num_classes, maps to k, and a level between two centres to a class between them."""
+    return (levels.float() * num_classes - 0.5).clamp(0, num_classes - 1)
+
+
+class LevelEmbedding(nn.Embedding):
+    """The embedding of ``num_classes`` level classes and a null class (the last row). A fractional class
+    (float) is embedded between its two neighbouring classes, linearly: a level between two bin centres, or
+    in a stretch of levels no training slice had, gets a blend of the embeddings around it instead of its
+    bin's. Whole classes (int) are looked up as by nn.Embedding."""
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if not cond.is_floating_point():
+            return super().forward(cond)
+        null = self.num_embeddings - 1
+        lo = cond.floor().clamp(0, max(null - 1, 0))
+        hi = (lo + 1).clamp_max(max(null - 1, 0))
+        frac = (cond - lo).clamp(0, 1)[:, None]
+        blend = self.weight[lo.long()] * (1 - frac) + self.weight[hi.long()] * frac
+        return torch.where((cond == null)[:, None], self.weight[null], blend)
 
 
 def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
@@ -243,7 +271,7 @@ class GatedBlock(nn.Module):
         self.h = nn.Conv2d(ch, 2 * ch, (1, self.k + 1))
         self.v_to_h = nn.Conv2d(2 * ch, 2 * ch, 1)
         self.h_out = nn.Conv2d(ch, ch, 1)
-        self.cond = nn.Embedding(num_classes + 1, 4 * ch) if num_classes else None  # + the null class
+        self.cond = LevelEmbedding(num_classes + 1, 4 * ch) if num_classes else None  # + the null class
         # a condition map (N, ch, h, w) known everywhere at once (the coarse image's features): its own bias
         # for every position, as the conditional PixelCNN's location-dependent h
         self.image = nn.Conv2d(ch, 4 * ch, 1) if reads_image else None
@@ -419,7 +447,7 @@ class TransformerPrior(Prior):
         self.start = nn.Parameter(torch.zeros(width))
         self.row = nn.Embedding(grid[0], width)
         self.col = nn.Embedding(grid[1], width)
-        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
+        self.cls = LevelEmbedding(num_classes + 1, width) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
@@ -630,7 +658,7 @@ class MaskGITPrior(MaskedPrior):
         self.merge = nn.Linear(group * group * width, width) if group > 1 else None
         self.row = nn.Embedding(grid[0] // group, width)
         self.col = nn.Embedding(grid[1] // group, width)
-        self.cls = nn.Embedding(num_classes + 1, width) if num_classes else None  # + the null class
+        self.cls = LevelEmbedding(num_classes + 1, width) if num_classes else None  # + the null class
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
