@@ -41,7 +41,7 @@ WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 
 # 3: the upsampler reads the coarse run's reconstructions (format 2 read its code ids).
 # 4: the upsampler's blocks are undilated (format 3's, dilated, hold weights of the same shapes).
 PRIOR_FORMAT = 4
-LEVEL_CLASSES = 8  # level bins a prior conditions on by default, where every slice has a level
+LEVEL_CLASSES = 8  # level classes a prior conditions on by default, where every slice has a level
 
 
 def prior_dir(run_dir: Path | str, kind: str) -> Path:
@@ -318,10 +318,10 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     """Train a prior of ``kind`` on the code grids of the run's training split.
 
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
-    seed, kernel, init_from_codebook, cond_dropout, decode_steps, group, tilts (runs on volumes: tilted copies of
-    the training volumes, ``data.tilted_slices``); for ``kind="upsampler"``: coarse_run, the
+    seed, kernel, init_from_codebook, cond_dropout, interpolate_levels, decode_steps, group, tilts (runs on
+    volumes: tilted copies of the training volumes, ``data.tilted_slices``); for ``kind="upsampler"``: coarse_run, the
     run whose coarser reconstructions of the same slices condition it, coarse_prior, and autoregressive).
-    Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` bins) when every slice
+    Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` classes) when every slice
     has one, else on nothing.
     ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a
     resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
