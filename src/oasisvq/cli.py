@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--width", type=_positive_int, help="embedding size / channels (default 128; upsampler 64)")
     tp.add_argument("--heads", type=_positive_int, help="attention heads (transformer)")
     tp.add_argument("--kernel", type=_positive_int, help="kernel width (pixelcnn, autoregressive upsampler; odd)")
-    tp.add_argument("--num-classes", type=int, help="condition on the slice level: this many classes, blended at each exact level")
+    tp.add_argument("--num-classes", type=int,
+                    help="condition on the slice level: this many classes, blended at each exact level")
     tp.add_argument("--dropout", type=float,
                     help="dropout on embeddings and residual branches; regularises small sets (default 0)")
     tp.add_argument("--cond-dropout", type=float,
