@@ -14,6 +14,7 @@ from oasisvq.evaluation.generation import (
     FEATURES_VERSION,
     anatomy_stats,
     compare,
+    dark_lines,
     evaluate_sample_dir,
     evaluate_samples,
     features,
@@ -163,15 +164,21 @@ def test_two_sample_test_chance_on_one_distribution_and_one_on_blank():
 
 
 @pytest.fixture(scope="module")
-def t88():
-    """Features of every real OASIS-1 T88 slice beside the checkout (160 subjects), in a fixed order."""
+def t88_images():
+    """Every real OASIS-1 T88 slice beside the checkout (160 subjects), (N, 256, 256) uint8 in a fixed order."""
     from oasisvq.data import read_png
 
     root = shared("oasis1_t88_axial")
     paths = sorted(root.glob("*/*.png"))
     if len(paths) < 40:
         pytest.skip(f"{root}: fewer than 40 slices")
-    return features(np.stack([read_png(p) for p in paths]))
+    return np.stack([read_png(p) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def t88(t88_images):
+    """Features of t88_images."""
+    return features(t88_images)
 
 
 def test_two_sample_test_on_real_slices(t88):
@@ -245,6 +252,37 @@ def test_anatomy_stats_and_wasserstein():
     assert wasserstein_1d([0, 1], [0.5]) == pytest.approx(0.5)
 
 
+def _head_with(marks: str, size: int = 256) -> np.ndarray:
+    """A bright disc 'head' (radius 0.8) with thin dark lines, dark dots or nothing inside, (size, size)."""
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    img = np.where(xx**2 + yy**2 < 0.64, 0.7, 0.0)
+    px = 2 / size
+    for k in range(-3, 4):  # 7 lines (or 7 rows of dots) 0.1 apart, 2 pixels wide, across the inner head
+        near = np.abs(yy - 0.1 * k) < px
+        if marks == "lines":
+            img = np.where(near & (np.abs(xx) < 0.45), 0.25, img)
+        elif marks == "dots":
+            img = np.where(near & (np.abs(((xx + 1) % 0.1) - 0.05) < px), 0.25, img)
+    return img
+
+
+def test_dark_lines_count_thin_dark_lines_not_dots_blur_or_size():
+    lines, dots, plain = (dark_lines(_head_with(m)) for m in ("lines", "dots", "plain"))
+    assert plain == 0 and dark_lines(np.zeros((64, 64))) == 0  # nothing dark inside, or no head at all
+    assert lines > 0.1 and dots < lines / 4  # spots are not sulci
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(_head_with("lines"))[None, None], 9, 1, 4)[0, 0]
+    assert dark_lines(blurred.numpy()) < lines / 5  # a blurred slice loses its sulci
+    assert dark_lines(_head_with("lines", 128)) == pytest.approx(lines, rel=0.3)  # scales in 256-pixel units
+
+
+def test_dark_lines_real_slices_above_their_blurred_copies(t88_images):
+    real = t88_images[:24].astype(np.float64) / 255
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(torch.from_numpy(real)[:, None], 8),
+                                              scale_factor=8, mode="bilinear")[:, 0].numpy()
+    sharp, soft = np.mean([dark_lines(x) for x in real]), np.mean([dark_lines(x) for x in blurred])
+    assert sharp > 0.05 and soft < sharp / 3
+
+
 def test_diversity_lower_for_varied_sets():
     same = _phantoms(1).repeat(4, 1, 1, 1)
     assert pairwise_ssim_diversity(same) == pytest.approx(1.0, abs=1e-6)
@@ -285,6 +323,7 @@ def test_evaluate_samples_end_to_end_and_per_level():
     h = g["anatomy"]["head_intensity"]
     assert w["samples_mean"] == pytest.approx(1.0, abs=0.02) and h["samples_mean"] < 0.9
     assert w["wasserstein"] > h["wasserstein"] and w["floor_mean"] == h["floor_mean"]  # the floor ignores samples
+    assert g["anatomy"]["dark_lines"]["real_mean"] == b["anatomy"]["dark_lines"]["real_mean"]  # real, not samples
     assert g["samples_per_second"] == 12.5 and g["features_version"] == FEATURES_VERSION
     assert g["n_compared"] == 18 and g["settings"]["two_sample_n_per_class"] == 18
     for q in ("frechet", "kid", "two_sample_accuracy", "precision", "recall", "density", "coverage"):

@@ -317,6 +317,9 @@ def _headline_generation(g: dict) -> str:
         parts.append(f"precision {both('precision')}, recall {both('recall')}")
     if "frechet" in f:
         parts.append(f"Frechet {both('frechet', '.1f')}")
+    lines = g.get("anatomy", {}).get("dark_lines")
+    if lines:
+        parts.append(f"dark lines (sulci) over {lines['samples_mean']:.0%} of the inner head (real {lines['real_mean']:.0%})")
     mem = g.get("memorisation", {})
     if "copies" in mem:
         parts.append(f"{mem['copies']} near-copies of training slices (real {mem['copy_fraction_floor']:.0%})")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..checkpoint import atomic_write_text
 from ..errors import CheckpointError, DataError
@@ -59,6 +60,10 @@ TWO_SAMPLE_MAX_PER_CLASS = 500  # bounds the classifier's cost; accuracy barely 
 LEVEL_BINS = 3
 MIN_PER_LEVEL = 4  # samples and real slices a level bin needs to be compared
 TISSUES = ("csf", "grey", "white")  # T1 contrast: darkest to brightest
+# Dark lines (sulci, ventricle edges): Hessian scales in pixels of a 256-pixel slice, the blob suppression of
+# Frangi et al. 1998, the response that counts as a line, and how far inside the head to look (a fraction of
+# the head's inradius: leaves out the scalp and the outer skull, which are dark lines in every slice).
+DARK_LINE_SIGMAS, DARK_LINE_BLOB, DARK_LINE_THRESHOLD, DARK_LINE_INNER = (1.0, 2.0), 0.5, 0.04, 0.2
 _NET_DIMS = 2 * sum(c for c, _ in NET_LAYERS)
 # The two-sample test again on each part of the features alone: which of them tells samples from real slices
 FEATURE_GROUPS = {"net": slice(0, _NET_DIMS), "intensity": slice(_NET_DIMS, _NET_DIMS + FEATURE_HIST_BINS + 1),
@@ -383,19 +388,52 @@ def head_area(images: Any) -> np.ndarray:
     return (_as_float_images(images).numpy() > HEAD_THRESHOLD).mean(axis=(1, 2, 3))
 
 
+def dark_line_map(img: np.ndarray) -> np.ndarray:
+    """Per pixel of one (H, W) image in [0, 1]: how strongly it lies on a thin dark line (a sulcus, a
+    ventricle's edge), as the largest scale-normalised Hessian eigenvalue where positive, damped where the
+    other eigenvalue is as large (a dark spot, not a line), the most over DARK_LINE_SIGMAS."""
+    img = np.asarray(img, np.float64)
+    best = np.zeros_like(img)
+    for sigma in DARK_LINE_SIGMAS:
+        s = sigma * img.shape[0] / 256
+        hxx = ndimage.gaussian_filter(img, s, order=(0, 2))
+        hyy = ndimage.gaussian_filter(img, s, order=(2, 0))
+        hxy = ndimage.gaussian_filter(img, s, order=(1, 1))
+        half_gap = np.sqrt((hxx - hyy) ** 2 / 4 + hxy**2)
+        across, along = (hxx + hyy) / 2 + half_gap, (hxx + hyy) / 2 - half_gap  # across >= along
+        blob = np.abs(along) / np.maximum(np.abs(across), 1e-12)
+        line = s**2 * np.maximum(across, 0) * np.exp(-(blob**2) / (2 * DARK_LINE_BLOB**2))
+        best = np.maximum(best, line)
+    return best
+
+
+def inner_head(img: np.ndarray) -> np.ndarray:
+    """The part of the head (filled) farther from its edge than DARK_LINE_INNER of its inradius."""
+    depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(img > HEAD_THRESHOLD))
+    return depth > DARK_LINE_INNER * depth.max() if depth.max() > 0 else depth > 0
+
+
+def dark_lines(img: np.ndarray) -> float:
+    """The share of the inner head covered by thin dark lines: real slices with sulci score far above
+    blurred ones (docs/generation_log.md, "Dark lines: a number for the sulci"); 0 for an empty slice."""
+    inner = inner_head(img)
+    return float((dark_line_map(img)[inner] > DARK_LINE_THRESHOLD).mean()) if inner.any() else 0.0
+
+
 def anatomy_stats(images: Any, gmm: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per image: head area (fraction of the slice), mean intensity inside the head (0 for an empty
     slice; the tissue fractions alone hide an over-bright interior, docs/generation_log.md "Decoding
-    order") and CSF/grey/white fractions of the head."""
+    order"), CSF/grey/white fractions of the head and the share of the inner head on dark lines (sulci)."""
     images = _as_float_images(images)  # once: head_area takes the float tensor as it is
     x = images.numpy()[:, 0]
-    out: dict[str, list[float]] = {t: [] for t in ("head_intensity", *TISSUES)}
+    out: dict[str, list[float]] = {t: [] for t in ("head_intensity", *TISSUES, "dark_lines")}
     for img in x:
         v = img[img > HEAD_THRESHOLD]
         out["head_intensity"].append(float(v.mean()) if v.size else 0.0)
         counts = np.bincount(_assign(v, gmm), minlength=3) if v.size else np.zeros(3)
         for t, c in zip(TISSUES, counts):
             out[t].append(c / max(v.size, 1))
+        out["dark_lines"].append(dark_lines(img))
     return {"head_area": head_area(images), **{k: np.asarray(v) for k, v in out.items()}}
 
 
