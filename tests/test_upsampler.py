@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,7 +11,6 @@ from oasisvq.cli import main
 from oasisvq.data import SliceSet
 from oasisvq.errors import CheckpointError, ConfigError
 from oasisvq.models.priors import (
-    NULL_IMAGE,
     AttentionUpsamplerPrior,
     GatedPixelCNN,
     MaskGITPrior,
@@ -22,7 +19,6 @@ from oasisvq.models.priors import (
     UpsamplerPrior,
     _draw,
     build_prior,
-    guided_logits,
 )
 
 from .test_sampling import SIZE, TINY, _slices, make_run
@@ -100,41 +96,6 @@ def test_decoding_fills_every_fine_code_and_is_reproducible():
         PriorConfig(kind="upsampler", coarse_run="coarse", num_classes=0).validate()
     with pytest.raises(ConfigError, match="upsampler prior only"):
         PriorConfig(kind="maskgit", coarse_run="coarse").validate()
-
-
-def test_image_dropout_hides_the_image_and_image_guidance_weighs_it():
-    torch.manual_seed(0)
-    model = _upsampler(image_dropout=0.5)
-    fine, image = _pairs(400, torch.Generator().manual_seed(2))
-    dropped = (model._drop_cond(image).flatten(1)[:, 0] == NULL_IMAGE).float().mean()
-    assert 0.4 < dropped < 0.6  # about the share asked, in training only
-    model.eval()
-    assert torch.equal(model._drop_cond(image), image)
-    torch.nn.init.normal_(model.null_image)
-    null = torch.full((2, 1, 16, 16), NULL_IMAGE)
-    with torch.no_grad():
-        none = model(fine[:2], null)
-        assert torch.equal(none, model(fine[:2], null))
-        assert not torch.allclose(none, model(fine[:2], image[:2]))  # the image matters where it is given
-        # one greedy pass from an all-masked grid takes the argmax of the guided logits
-        masked = torch.full((2, 8, 8), model.mask_id)
-        want = guided_logits(model(masked, image[:2]), model(masked, null), 2.5).argmax(1)
-        got = model.sample(2, (8, 8), top_k=1, cond=image[:2], guidance=2.5, steps=1)
-        assert torch.equal(got, want)
-        gen = torch.Generator().manual_seed(3)
-        unguided = model.sample(2, (8, 8), generator=gen, cond=null, steps=3)
-        gen.manual_seed(3)
-        assert torch.equal(model.sample(2, (8, 8), generator=gen, cond=image[:2], guidance=0.0, steps=3), unguided)
-    plain = _upsampler()
-    assert plain.null_image is None and not any("null" in k for k in plain.state_dict())  # old checkpoints load
-    with pytest.raises(ValueError, match="image dropout"):
-        plain.sample(2, (8, 8), cond=image[:2], guidance=2.0)
-    for bad in ({"image_dropout": 1.0}, {"image_dropout": 0.1, "group": 2},
-                {"image_dropout": 0.1, "autoregressive": True}):
-        with pytest.raises(ConfigError, match="image_dropout"):
-            PriorConfig(kind="upsampler", coarse_run="coarse", patch=PATCH, **bad).validate()
-    with pytest.raises(ConfigError, match="image_dropout"):
-        PriorConfig(kind="maskgit", image_dropout=0.1).validate()
 
 
 UPSAMPLERS = {"convolutional": ({}, UpsamplerPrior), "attention": ({"group": 2}, AttentionUpsamplerPrior),
@@ -310,28 +271,6 @@ def test_an_autoregressive_upsampler_trains_from_the_cli_and_samples_through_the
     assert main(["train-prior", str(coarse), "--kind", "maskgit", "--autoregressive", "--overwrite",
                  "--epochs", "1"]) == 2
     assert (coarse / "prior-maskgit" / "last.safetensors").read_bytes() == kept
-
-
-def test_an_upsampler_with_image_dropout_samples_with_image_guidance(two_runs, tmp_path):
-    fine, coarse = two_runs
-    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
-    assert main(["train-prior", str(fine), "--kind", "upsampler", "--coarse", str(coarse), "--image-dropout", "0.2",
-                 "--epochs", "1", "--width", "16", "--layers", "2", "--batch-size", "4", "--no-progress"]) == 0
-    model, meta = prior.load_prior(fine, "upsampler")
-    assert meta["prior_config"]["image_dropout"] == 0.2 and model.null_image is not None
-    assert main(["sample", str(fine), "--prior", "upsampler", "-n", "3", "--image-guidance", "2", "--seed", "1",
-                 "--out", str(tmp_path / "g"), "--no-progress"]) == 0
-    plain = sampling.sample(fine, "upsampler", n=3, out=tmp_path / "p", seed=1, progress=False)
-    info = json.loads((tmp_path / "g" / "samples.json").read_text())
-    assert info["image_guidance"] == 2.0 and plain["image_guidance"] == 1.0 and info["levels"] == plain["levels"]
-    # the same layouts, other detail
-    assert any((tmp_path / "g" / f).read_bytes() != (tmp_path / "p" / f).read_bytes() for f in info["files"])
-    with pytest.raises(ConfigError, match="image guidance"):  # a coarse prior has no image to weigh
-        sampling.sample(coarse, "maskgit", n=1, out=tmp_path / "c", image_guidance=2.0, progress=False)
-    prior.train_prior(fine, "upsampler", epochs=1, progress=False, overwrite=True, coarse_run=str(coarse),
-                      width=16, layers=2, batch_size=4)
-    with pytest.raises(ConfigError, match="image dropout"):  # trained without it: no guidance
-        sampling.sample(fine, "upsampler", n=1, out=tmp_path / "u", image_guidance=2.0, progress=False)
 
 
 def test_upsampler_on_slices_without_a_level(two_runs, monkeypatch, tmp_path):

@@ -166,8 +166,7 @@ def cmd_train_prior(a) -> int:
     from .prior import train_prior
 
     options = {k: getattr(a, k) for k in ("layers", "width", "heads", "num_classes", "dropout", "lr", "batch_size",
-                                          "seed", "kernel", "cond_dropout", "decode_steps", "group", "tilts",
-                                          "image_dropout")
+                                          "seed", "kernel", "cond_dropout", "decode_steps", "group", "tilts")
                if getattr(a, k) is not None}
     if a.no_codebook_init:
         options["init_from_codebook"] = False
@@ -190,8 +189,7 @@ def cmd_sample(a) -> int:
 
     info = sample(a.run, a.prior, n=a.n, out=a.out, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
                   cond=a.cond, level=a.level, guidance=a.guidance, steps=a.steps,
-                  choice_temperature=a.choice_temperature, image_guidance=a.image_guidance,
-                  batch_size=a.batch_size,
+                  choice_temperature=a.choice_temperature, batch_size=a.batch_size,
                   device=a.device, which=a.checkpoint, progress=not a.no_progress)
     out = a.out or Path(a.run) / f"samples-{a.prior}"
     print(f"{info['n']} samples in {out} ({info['samples_per_second']:.2f} samples/s)")
@@ -463,9 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--autoregressive", action="store_true",
                     help="upsampler: draw the fine codes one by one in raster order (a gated PixelCNN reading the "
                          "coarse image, as VQ-VAE-2) instead of in parallel masked passes; slower to sample")
-    tp.add_argument("--image-dropout", type=float, metavar="P",
-                    help="masked upsampler: share of training grids whose coarse image is hidden (teaches image "
-                         "guidance, sample --image-guidance; default 0)")
     tp.add_argument("--tilts", type=_positive_int, metavar="N",
                     help="train also on N tilted copies of every training volume (turned up to 10 degrees, scaled "
                          "up to 6%%, sliced again: new real cross-sections for small sets; volumes only, not the "
@@ -496,9 +491,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "for the upsampler, its own: the layout prior keeps its default)")
     sp.add_argument("--choice-temperature", type=float, help="maskgit / upsampler: noise on the ranking of the "
                     "codes each pass keeps (default 4.5; 0: most probable first; 1e6: random order)")
-    sp.add_argument("--image-guidance", type=float, default=1.0, metavar="W",
-                    help="upsampler trained with --image-dropout: weight of its coarse image against the "
-                         "neighbouring codes (1 plain, default; >1 follows the image more)")
     sp.add_argument("--batch-size", type=_positive_int, default=16)
     _opt_checkpoint(sp, paths=False)
     _add_run_options(sp)

@@ -320,8 +320,8 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     ``options`` are :class:`PriorConfig` fields (layers, width, heads, num_classes, dropout, lr, batch_size,
     seed, kernel, init_from_codebook, cond_dropout, interpolate_levels, decode_steps, group, tilts (runs on
     volumes: tilted copies of the training volumes, ``data.tilted_slices``); for ``kind="upsampler"``:
-    coarse_run, the run whose coarser reconstructions of the same slices condition it, coarse_prior,
-    autoregressive, and image_dropout, for image guidance at sampling).
+    coarse_run, the run whose coarser reconstructions of the same slices condition it, coarse_prior, and
+    autoregressive).
     Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` classes) when every slice
     has one, else on nothing.
     ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a

@@ -54,9 +54,8 @@ def _coarse_chain(meta: dict[str, Any], which: str, dev: torch.device) -> list[t
 def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path | str | None = None,
            temperature: float = 1.0, top_k: int = 0, seed: int = 0, cond: int | None = None, *,
            level: float | tuple[float, float] | None = None, guidance: float = 1.0, steps: int | None = None,
-           choice_temperature: float | None = None, image_guidance: float = 1.0, batch_size: int = 16,
-           device: str = "auto", which: str = "best", prefix: str = "sample", progress: bool = True
-           ) -> dict[str, Any]:
+           choice_temperature: float | None = None, batch_size: int = 16, device: str = "auto",
+           which: str = "best", prefix: str = "sample", progress: bool = True) -> dict[str, Any]:
     """Generate ``n`` slices: ``out/<prefix>_000.png``..., ``out/samples_grid.png`` and ``out/samples.json``.
 
     Same seed, settings, batch size and device give byte-identical PNGs. A conditional (level) prior draws
@@ -68,9 +67,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     keeps its default), and the coarse layouts equal the coarse prior's own samples for the same seed.
     ``choice_temperature`` (masked priors, default 4.5) scales the noise that ranks which sampled codes a
     pass keeps, for the coarse and the fine prior alike: 0 keeps the most probable, a large value (1e6)
-    keeps codes in random order (docs/generation_log.md "Decoding order"). ``image_guidance`` weighs each
-    upsampler's coarse image against the neighbouring codes (upsamplers trained with ``image_dropout``: 1
-    plain, > 1 follows the image more, 0 ignores it).
+    keeps codes in random order (docs/generation_log.md "Decoding order").
     """
     from .training import pick_device
 
@@ -116,10 +113,6 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
         raise ConfigError(f"level {level!r}: needs a conditional prior, no cond, and 0 <= low <= high <= 1")
     if guidance < 0 or (guidance != 1 and not k_cls):
         raise ConfigError(f"guidance {guidance}: needs a conditional prior and a weight >= 0")
-    if image_guidance != 1 and (not chain or image_guidance < 0 or any(
-            not saved_config(stage_meta).image_dropout for _, stage_meta, _ in stages[1:])):
-        raise ConfigError(f"image guidance {image_guidance}: needs upsamplers trained with image dropout "
-                          "(train-prior --kind upsampler --image-dropout P) and a weight >= 0")
     masked = [isinstance(stage, MaskedPrior) for stage, _, _ in stages]  # the stages that decode in ranked passes
     extra = {}
     if steps is not None:
@@ -168,8 +161,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
             idx = None  # the codes of the level below, once drawn
             for depth, (stage, stage_meta, _) in enumerate(stages):
                 inputs = ({"generator": gen, "cond": c, "guidance": guidance} if depth == 0 else
-                          {"generator": detail_gens[depth - 1], "cond": decode_uint8(stages[depth - 1][2], idx),
-                           "guidance": image_guidance})
+                          {"generator": detail_gens[depth - 1], "cond": decode_uint8(stages[depth - 1][2], idx)})
                 idx = stage.sample(m, tuple(stage_meta["grid"]), temperature, top_k, **inputs, **passes[depth])
             images.append(decode_uint8(vq, idx, batch_size=m)[:, 0].cpu().numpy())
             bar.update(m)
@@ -187,7 +179,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
                title=f"{prior} prior, T={temperature}, top_k={top_k}, guidance={guidance}, seed={seed}")
     info = {"run": str(run_dir), "prior": prior, "which": which, "n": n, "temperature": temperature,
             "top_k": top_k, "seed": seed, "cond": cond, "level": level, "guidance": guidance, "steps": steps,
-            "choice_temperature": choice_temperature, "image_guidance": image_guidance,
+            "choice_temperature": choice_temperature,
             "batch_size": batch_size, "device": str(dev), "files": names,
             "classes": None if conds is None else conds.cpu().tolist(), "levels": level_list,
             "seconds": seconds, "samples_per_second": n / seconds}

@@ -10,8 +10,7 @@ All read a grid of code indices ``(N, h, w)`` and share one interface:
   the prior predicts (all of them for the autoregressive priors, the masked ones for MaskGIT);
 * ``sample(n, grid_hw, temperature=1.0, top_k=0, generator=None, cond=None, guidance=1.0) -> (n, h, w)``.
 
-The upsampler's ``cond`` is a coarser run's reconstruction of the slice (N, 1, H, W); one trained with
-``image_dropout`` learns also without it (``NULL_IMAGE``), and its ``guidance`` weighs the image. Conditional priors (``num_classes > 0``)
+The upsampler's ``cond`` is a coarser run's reconstruction of the slice (N, 1, H, W). Conditional priors (``num_classes > 0``)
 take ``cond`` (N,) in ``[0, num_classes]``, where ``num_classes``
 is a learned null class ("no class"). A floating-point ``cond`` below ``num_classes`` is a fractional class
 (``level_coordinates``: a slice level between two classes' centres), embedded by linear interpolation
@@ -66,9 +65,6 @@ class PriorConfig:
     # upsampler only: draw the fine codes one by one in raster order (a gated PixelCNN reading the coarse
     # image) instead of in parallel masked passes
     autoregressive: bool = False
-    # masked convolutional upsampler only: P(coarse image -> none) per training grid, so that sampling can
-    # weigh the image against the neighbouring codes (image guidance); 0 in upsamplers saved before it
-    image_dropout: float = 0.0
     # train also on this many tilted copies of every training volume (data.tilted_slices): more real
     # cross-sections for priors that overfit a few subjects; volumes only, not the upsampler
     tilts: int = 0
@@ -95,10 +91,6 @@ class PriorConfig:
             raise ConfigError(f"prior.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.cond_dropout < 1:
             raise ConfigError(f"prior.cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if not 0 <= self.image_dropout < 1 or (self.image_dropout and (
-                self.kind != "upsampler" or self.autoregressive or self.group > 1)):
-            raise ConfigError(f"prior.image_dropout must be in [0, 1), and 0 but for the masked convolutional "
-                              f"upsampler; got {self.image_dropout} for {self.kind!r}")
         if self.lr <= 0:
             raise ConfigError(f"prior.lr must be positive, got {self.lr}")
         if self.epochs <= 0 and self.max_minutes <= 0:
@@ -743,51 +735,29 @@ class _ResBlock(nn.Module):
 
 class _ReadsCoarseImage:
     """The upsamplers' condition: the coarse run's reconstruction of the same slices, (N, 1, H, W) with
-    H = ``patch`` x the grid's height: uint8, or float in [0, 1]; an image of ``NULL_IMAGE`` (-1) everywhere
-    stands for no image. Not a class: only an upsampler trained with image dropout has guidance."""
+    H = ``patch`` x the grid's height: uint8, or float in [0, 1]. Not a class; never dropped, so no guidance."""
 
     patch: int
-    image_dropout: float = 0.0
 
     def check_cond(self, cond: torch.Tensor | None, n: int) -> None:
         if cond is None or cond.dim() != 4 or cond.shape[:2] != (n, 1):
             raise ValueError(f"the upsampler prior takes the coarse run's images (N={n}, 1, H, W) as cond")
 
-    def _drop_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
-        """In training, each grid's image becomes the null image with probability ``image_dropout`` (drawn
-        on the CPU from the global RNG, as the classes' dropout)."""
-        if cond is None or not self.training or self.image_dropout == 0:
-            return cond
-        drop = (torch.rand(cond.shape[0]) < self.image_dropout).to(cond.device)
-        return torch.where(drop[:, None, None, None], NULL_IMAGE, _as_float_image(cond))
-
     def _guided_cond(self, cond: torch.Tensor | None, n: int, guidance: float
                      ) -> tuple[torch.Tensor | None, bool]:
-        """Image guidance: the logits given the image are pushed away from those given none,
-        ``none + w * (image - none)``; w = 1 runs only the first pass, w = 0 only the second."""
         self.check_cond(cond, n)
-        if guidance == 1:
-            return cond, False
-        if self.image_dropout == 0 or guidance < 0:
-            raise ValueError(f"image guidance {guidance}: needs an upsampler trained with image dropout and a "
-                             "weight >= 0")
-        null = torch.full_like(_as_float_image(cond), NULL_IMAGE)
-        return (null, False) if guidance == 0 else (torch.cat([_as_float_image(cond), null]), True)
+        if guidance != 1:
+            raise ValueError("the upsampler prior has no guidance (its condition is never dropped)")
+        return cond, False
 
     def _pixels(self, cond: torch.Tensor, h: int, w: int, cell: int) -> torch.Tensor:
-        """The coarse images as (N, cell**2, h*patch/cell, w*patch/cell) floats in [0, 1] (or the null image's
-        -1): each position holds the cell x cell pixels it covers."""
+        """The coarse images as (N, cell**2, h*patch/cell, w*patch/cell) floats in [0, 1]: each position holds
+        the cell x cell pixels it covers."""
         if cond.shape[-2:] != (h * self.patch, w * self.patch):
             raise ValueError(f"coarse images of {tuple(cond.shape[-2:])} pixels do not cover a {h}x{w} grid of "
                              f"{self.patch}x{self.patch}-pixel codes")
-        return F.pixel_unshuffle(_as_float_image(cond), cell)
-
-
-NULL_IMAGE = -1.0  # the upsamplers' "no coarse image" (real images lie in [0, 1])
-
-
-def _as_float_image(cond: torch.Tensor) -> torch.Tensor:
-    return cond.float() / 255 if cond.dtype == torch.uint8 else cond.float()
+        img = cond.float() / 255 if cond.dtype == torch.uint8 else cond.float()
+        return F.pixel_unshuffle(img, cell)
 
 
 class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
@@ -795,16 +765,13 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
     _ReadsCoarseImage). With ``group`` > 1 in its config it is built as an AttentionUpsamplerPrior."""
 
     def __init__(self, num_codes: int, patch: int, width: int = 128, layers: int = 6,
-                 dropout: float = 0.0, decode_steps: int = 12, image_dropout: float = 0.0):
+                 dropout: float = 0.0, decode_steps: int = 12):
         super().__init__()
         self.num_codes, self.patch, self.num_classes = num_codes, patch, 0
         self.cond_dropout, self.decode_steps, self.mask_id = 0.0, decode_steps, num_codes
-        self.image_dropout = image_dropout
         self.tok = nn.Embedding(num_codes + 1, width)  # + [MASK]
         # each fine code reads the patch x patch pixels it covers and those of its neighbours
         self.image = nn.Conv2d(patch * patch, width, 3, padding=1)
-        # what a code reads where the image is dropped (only upsamplers trained with image dropout have it)
-        self.null_image = nn.Parameter(torch.zeros(1, width, 1, 1)) if image_dropout else None
         # undilated: six blocks see 7 codes (28 pixels) either way; dilations 1-2-4-8-1-2 saw 18 but drew a
         # mottle where these draw sulcus-like lines at the same cost (docs/generation_log.md "Undilated
         # blocks": format 4)
@@ -818,7 +785,7 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
         if cfg.group > 1:
             return AttentionUpsamplerPrior(num_codes, grid, cfg.patch, cfg.width, cfg.layers, cfg.heads,
                                            cfg.dropout, cfg.decode_steps, cfg.group)
-        return cls(num_codes, cfg.patch, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps, cfg.image_dropout)
+        return cls(num_codes, cfg.patch, cfg.width, cfg.layers, cfg.dropout, cfg.decode_steps)
 
     @staticmethod
     def check_config(cfg: PriorConfig) -> None:
@@ -842,11 +809,7 @@ class UpsamplerPrior(_ReadsCoarseImage, MaskedPrior):
         """Fine codes ``seq`` (N, h*w), [MASK] allowed, and coarse images ``cond`` -> logits (N, h*w, K)."""
         n = seq.shape[0]
         x = self.tok(seq).view(n, h, w, -1).permute(0, 3, 1, 2)
-        image = self.image(self._pixels(cond, h, w, self.patch))
-        if self.null_image is not None:
-            none = (cond.flatten(1)[:, 0] < 0)[:, None, None, None]  # the null image is -1 everywhere
-            image = torch.where(none, self.null_image, image)
-        x = x + image
+        x = x + self.image(self._pixels(cond, h, w, self.patch))
         return self.head(self.blocks(x)).flatten(2).transpose(1, 2)
 
 
