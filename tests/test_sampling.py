@@ -346,6 +346,21 @@ def test_a_conditional_prior_of_the_previous_format_fails_with_one_line(run):
         prior.load_prior(run, "transformer")
 
 
+def test_a_prior_from_a_later_version_fails_with_one_line(run):
+    """A prior of a later format, or with an option this version lacks, names the file and the option."""
+    prior.train_prior(run, "transformer", epochs=1, progress=False, **TINY)
+    path = run / "prior-transformer" / "best.safetensors"
+    tensors, meta = load_checkpoint(path)
+    save_checkpoint(path, tensors, dict(meta, prior_config=dict(meta["prior_config"], image_dropout=0.1)))
+    with pytest.raises(CheckpointError, match=rf"{path}.*options image_dropout\).*cannot rebuild"):
+        prior.load_prior(run, "transformer")
+    save_checkpoint(path, tensors, dict(meta, prior_format=prior.PRIOR_FORMAT + 1))
+    with pytest.raises(CheckpointError, match=rf"prior format {prior.PRIOR_FORMAT + 1}\).*cannot rebuild"):
+        prior.load_prior(run, "transformer")
+    save_checkpoint(path, tensors, meta)
+    assert prior.load_prior(run, "transformer")[1]["prior_format"] == prior.PRIOR_FORMAT
+
+
 def test_a_format_2_prior_still_loads_and_resumes(run, tmp_path):
     """Format 3 changed only the upsampler; other priors of format 2 carry an unused coarse_codes field."""
     prior.train_prior(run, "maskgit", epochs=1, progress=False, num_classes=3, **TINY)

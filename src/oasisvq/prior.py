@@ -294,14 +294,21 @@ def coarse_images(cfg: PriorConfig, run_cfg, pdir: Path, device: torch.device, c
 
 
 def _check_format(path: Path, meta: dict[str, Any]) -> None:
-    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class, and upsamplers before format 4
-    read coarse code ids (format 2) or ran dilated blocks (3): say so in one line."""
+    """Conditional priors of prior format 1 (oasisvq 0.1) have no null class, upsamplers before format 4
+    read coarse code ids (format 2) or ran dilated blocks (3), and a prior of a later format, or with options
+    this version lacks, cannot be rebuilt: say so in one line."""
     pcfg, fmt = meta.get("prior_config", {}), meta.get("prior_format", 1)
     if (fmt < 2 and pcfg.get("num_classes")) or (fmt < 4 and pcfg.get("kind") == "upsampler"):
         raise CheckpointError(
             f"{path}: a {'conditional' if fmt < 2 else pcfg['kind']} prior written by oasisvq "
             f"{meta.get('oasisvq_version', '0.1.0')} (prior format {fmt}); this oasisvq reads format {PRIOR_FORMAT}: "
             "train it again with --overwrite")
+    unknown = sorted(set(pcfg) - {f.name for f in dataclasses.fields(PriorConfig)} - {"coarse_codes"})
+    if fmt > PRIOR_FORMAT or unknown:
+        raise CheckpointError(
+            f"{path}: written by oasisvq {meta.get('oasisvq_version', '?')} (prior format {fmt}"
+            f"{'; options ' + ', '.join(unknown) if unknown else ''}), which this oasisvq (format {PRIOR_FORMAT}) "
+            "cannot rebuild: use that version, or train the prior again with --overwrite")
 
 
 def saved_config(meta: dict[str, Any]) -> PriorConfig:
