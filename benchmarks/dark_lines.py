@@ -1,9 +1,12 @@
 """The sulci as a number: the share of the inner head on thin dark lines (``evaluate-samples``' anatomy
 ``dark_lines``) for real held-out slices, training slices, the held-out slices blurred without learning
 (down-f-up), the same slices through each run's tokeniser, and sample folders. Says how much of the real
-slices' line structure a tokeniser keeps and a prior draws.
+slices' line structure a tokeniser keeps and a prior draws. ``--upsampled RUN`` adds the held-out slices'
+own layouts (through the coarse run of RUN's upsampler) with the fine codes drawn by that upsampler: how
+much of the samples' shortfall is the upsampler's, with the layout prior's part taken out.
 
-    python benchmarks/dark_lines.py --runs RUN [RUN ...] [--samples DIR ...] [--split test] [--figure PNG]
+    python benchmarks/dark_lines.py --runs RUN [RUN ...] [--samples DIR ...] [--upsampled RUN ...] [--split test]
+        [--figure PNG]
 
 The first run names the data. Prints one row per set: slices, mean share, quartiles. ``--figure`` puts
 held-out slices and the first samples folder's slices (nearest in level) above their dark-line maps.
@@ -30,6 +33,7 @@ from oasisvq.evaluation.generation import (
     sample_levels,
 )
 from oasisvq.evaluation.reconstruction import encode_decode
+from oasisvq.prior import decode_uint8, load_prior
 from oasisvq.tokenizer import load_model
 
 N_REAL, FIGURE_COLUMNS = 64, 4
@@ -49,6 +53,22 @@ def row(name: str, images: np.ndarray) -> np.ndarray:
     return share
 
 
+@torch.no_grad()
+def upsampled_real_layouts(run: Path, real: np.ndarray, seed: int = 1, batch: int = 16) -> np.ndarray:
+    """``real`` slices (N, H, W) in [0, 1] through the coarse VQ-VAE of ``run``'s upsampler (the layout it
+    reads), fine codes drawn by the upsampler in its own passes, decoded by ``run``'s VQ-VAE."""
+    prior, meta = load_prior(run, "upsampler", "best", torch.device("cpu"))
+    coarse, _ = load_model(meta["prior_config"]["coarse_run"], "best")
+    fine, _ = load_model(run, "best")
+    gen, out = torch.Generator().manual_seed(seed), []
+    for b in range(0, len(real), batch):
+        x = torch.from_numpy(real[b:b + batch])[:, None]
+        layout = decode_uint8(coarse, coarse.encode(x))
+        codes = prior.sample(len(x), tuple(meta["grid"]), generator=gen, cond=layout)
+        out.append(decode_uint8(fine, codes)[:, 0].numpy())
+    return np.concatenate(out).astype(np.float32) / 255
+
+
 def line_picture(img: np.ndarray) -> np.ndarray:
     """The dark-line map inside the inner head, scaled so the counting threshold is mid-grey."""
     return np.clip(dark_line_map(img) / (2 * DARK_LINE_THRESHOLD), 0, 1) * inner_head(img)
@@ -58,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", type=Path, required=True, help="tokeniser runs (the first names the data)")
     ap.add_argument("--samples", nargs="*", type=Path, default=[], help="folders written by `oasisvq sample`")
+    ap.add_argument("--upsampled", nargs="*", type=Path, default=[],
+                    help="runs with an upsampler: the held-out slices' real layouts, upsampled by it")
     ap.add_argument("--split", default="test", help="held-out split (default: test)")
     ap.add_argument("--figure", type=Path, help="PNG: real and sampled slices above their dark-line maps")
     a = ap.parse_args(argv)
@@ -73,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in a.runs:
         model, _ = load_model(run, "best")
         row(f"held-out through {run}", np.clip(encode_decode(model, real, torch.device("cpu"), batch=16), 0, 1))
+    for run in a.upsampled:
+        row(f"held-out real layout, upsampled by {run}", upsampled_real_layouts(run, real))
     drawn = []
     for folder in a.samples:
         images, info = read_sample_pngs(folder)
