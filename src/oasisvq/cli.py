@@ -250,7 +250,8 @@ def cmd_demo(a) -> int:
                  seed=a.seed, progress=not a.no_progress)
     print(f"\nreport: {r['report_html']}")
     print(f"held-out SSIM {r['ssim']:.3f} ({'above' if r['ssim_above_0.6'] else 'NOT above'} 0.6; in-head "
-          f"{r['ssim_head']:.3f}; non-learned floor {r['floor_ssim']:.3f}) in {r['minutes']:.1f} min")
+          f"{r['ssim_head']:.3f}; non-learned floor {r['floor_ssim']:.3f}) in {r['minutes']:.1f} min "
+          f"(training steps: {', '.join(f'{stage} {n}' for stage, n in r['steps'].items())})")
     return 0
 
 

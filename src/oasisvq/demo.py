@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_checkpoint
 from .config import DataConfig, RunConfig, TrainConfig, model_preset
 from .data import fit_to_size, load_volume, scale_robust, volume_slices
 from .errors import ConfigError, DataError
@@ -196,6 +196,8 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     dev = pick_device(device)
     started = time.time()
     timings: dict[str, float] = {}
+    # steps made within each stage's minutes: the same budget buys fewer on a slower machine
+    steps: dict[str, int] = {}
     if two_level is None:
         two_level = dev.type == "cpu" and minutes >= TWO_LEVEL_MINUTES
     total = 9 if two_level else 7
@@ -238,6 +240,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
                                    f"of {c.model.num_codes}) for {c.train.max_minutes:.1f} min on {dev}")
         train(c, folder, overwrite=True, cache_dir=out / "cache", progress=progress)
         timings[key] = time.time() - t
+        steps[key.removeprefix("train_")] = load_checkpoint(folder / "checkpoints" / "last.safetensors")[1]["step"]
 
     def train_a_prior(folder: Path, prior_kind: str, budget: float, key: str, **options) -> dict:
         t = time.time()
@@ -245,6 +248,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
         r = train_prior(folder, prior_kind, epochs=1000, max_minutes=budget, device=str(dev), cache_dir=out / "cache",
                         progress=progress, batch_size=16, seed=seed, **options)
         timings[key] = time.time() - t
+        steps[key.removeprefix("train_")] = r["step"]
         return r
 
     def evaluate_run() -> dict:  # the run that decodes the samples, once it is trained
@@ -289,7 +293,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     _status(next(step), total, "generation metrics: " + _headline_generation(g))
 
     scalars = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
-    info.update({"timings_s": timings, "total_s": time.time() - started, "machine": machine_description(dev),
+    info.update({"timings_s": timings, "steps": steps, "total_s": time.time() - started, "machine": machine_description(dev),
                  "prior": scalars(prior)})
     if two_level:
         info["upsampler"] = scalars(upsampler)
@@ -299,7 +303,8 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     _status(next(step), total, f"report: {html}")
     result = {"report_html": str(html), "report_md": str(md), "ssim": ssim_mean,
               "ssim_head": m["model"]["ssim_head"]["mean"], "ssim_above_0.6": ssim_mean > 0.6,
-              "floor_ssim": m["floors"][floor]["ssim"]["mean"], "minutes": (time.time() - started) / 60}
+              "floor_ssim": m["floors"][floor]["ssim"]["mean"], "minutes": (time.time() - started) / 60,
+              "steps": steps}
     return result
 
 
