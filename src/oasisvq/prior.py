@@ -41,6 +41,7 @@ WARMUP_STEPS = 20  # linear learning-rate warm-up, then constant (100 cost 0.45 
 # 3: the upsampler reads the coarse run's reconstructions (format 2 read its code ids).
 # 4: the upsampler's blocks are undilated (format 3's, dilated, hold weights of the same shapes).
 PRIOR_FORMAT = 4
+RETIRED_OPTIONS = frozenset({"coarse_codes"})  # saved by format 2, read by no later one: dropped on load
 LEVEL_CLASSES = 8  # level classes a prior conditions on by default, where every slice has a level
 
 
@@ -303,7 +304,7 @@ def _check_format(path: Path, meta: dict[str, Any]) -> None:
             f"{path}: a {'conditional' if fmt < 2 else pcfg['kind']} prior written by oasisvq "
             f"{meta.get('oasisvq_version', '0.1.0')} (prior format {fmt}); this oasisvq reads format {PRIOR_FORMAT}: "
             "train it again with --overwrite")
-    unknown = sorted(set(pcfg) - {f.name for f in dataclasses.fields(PriorConfig)} - {"coarse_codes"})
+    unknown = sorted(set(pcfg) - {f.name for f in dataclasses.fields(PriorConfig)} - RETIRED_OPTIONS)
     if fmt > PRIOR_FORMAT or unknown:
         raise CheckpointError(
             f"{path}: written by oasisvq {meta.get('oasisvq_version', '?')} (prior format {fmt}"
@@ -312,9 +313,9 @@ def _check_format(path: Path, meta: dict[str, Any]) -> None:
 
 
 def saved_config(meta: dict[str, Any]) -> PriorConfig:
-    """The PriorConfig of a checkpoint's metadata. Format 2 wrote ``coarse_codes`` (0 but for the upsamplers
-    that _check_format refuses): dropped. Priors saved before ``interpolate_levels`` learned level bins."""
-    saved = {k: v for k, v in meta["prior_config"].items() if k != "coarse_codes"}
+    """The PriorConfig of a checkpoint's metadata, less RETIRED_OPTIONS (format 2's ``coarse_codes``: 0 but for
+    the upsamplers that _check_format refuses). Priors saved before ``interpolate_levels`` learned level bins."""
+    saved = {k: v for k, v in meta["prior_config"].items() if k not in RETIRED_OPTIONS}
     return PriorConfig(**{"interpolate_levels": False, **saved})
 
 
