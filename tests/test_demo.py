@@ -55,11 +55,11 @@ def test_demo_writes_every_artefact(demo, capsys):
     info = json.loads((demo / "demo.json").read_text())
     assert info["data"]["kind"] == "mni152-template" and info["total_s"] > 0
     step_of = lambda path: load_checkpoint(path)[1]["step"]
-    assert info["steps"] == {"vqvae": step_of(run / "checkpoints" / "last.safetensors"),
-                             "prior": step_of(run / "prior-maskgit" / "last.safetensors")}
+    assert info["steps"] == {"train_vqvae": step_of(run / "checkpoints" / "last.safetensors"),
+                             "train_prior": step_of(run / "prior-maskgit" / "last.safetensors")}
     assert min(info["steps"].values()) > 0
     md = (demo / "report" / "report.md").read_text()
-    assert re.search(rf"\| train_vqvae \| [\d.]+ \| {info['steps']['vqvae']} \|", md)  # the report's timings table
+    assert re.search(rf"\| train_vqvae \| [\d.]+ \| {info['steps']['train_vqvae']} \|", md)  # the report's timings table
 
 
 def test_demo_report_is_self_contained(demo):
@@ -122,7 +122,8 @@ def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatc
     info = json.loads((out / "demo.json").read_text())
     assert info["recipe"] == {"two_level": True, "prior": "upsampler", "run": str(out / "run"),
                               "layout_run": str(out / "layout-run")}
-    assert list(info["steps"]) == ["vqvae", "prior", "vqvae_fine", "upsampler"] and r["steps"] == info["steps"]
+    assert list(info["steps"]) == ["train_vqvae", "train_prior", "train_vqvae_fine", "train_upsampler"]
+    assert r["steps"] == info["steps"]
     assert (out / "layout-run" / "prior-maskgit" / "best.safetensors").is_file()
     assert (out / "run" / "prior-upsampler" / "best.safetensors").is_file()
     m = json.loads((out / "run" / "eval-test" / "metrics.json").read_text())

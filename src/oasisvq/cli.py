@@ -248,10 +248,11 @@ def cmd_demo(a) -> int:
 
     r = run_demo(a.out, minutes=a.minutes, data=a.data, device=a.device, samples=a.samples, overwrite=a.overwrite,
                  seed=a.seed, progress=not a.no_progress)
+    stages = ", ".join(f"{stage.removeprefix('train_')} {n}" for stage, n in r["steps"].items())
     print(f"\nreport: {r['report_html']}")
     print(f"held-out SSIM {r['ssim']:.3f} ({'above' if r['ssim_above_0.6'] else 'NOT above'} 0.6; in-head "
           f"{r['ssim_head']:.3f}; non-learned floor {r['floor_ssim']:.3f}) in {r['minutes']:.1f} min "
-          f"(training steps: {', '.join(f'{stage} {n}' for stage, n in r['steps'].items())})")
+          f"(training steps: {stages})")
     return 0
 
 

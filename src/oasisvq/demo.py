@@ -196,7 +196,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     dev = pick_device(device)
     started = time.time()
     timings: dict[str, float] = {}
-    # steps made within each stage's minutes: the same budget buys fewer on a slower machine
+    # training steps made within each stage's minutes (keys as in timings): a slower machine makes fewer
     steps: dict[str, int] = {}
     if two_level is None:
         two_level = dev.type == "cpu" and minutes >= TWO_LEVEL_MINUTES
@@ -240,7 +240,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
                                    f"of {c.model.num_codes}) for {c.train.max_minutes:.1f} min on {dev}")
         train(c, folder, overwrite=True, cache_dir=out / "cache", progress=progress)
         timings[key] = time.time() - t
-        steps[key.removeprefix("train_")] = load_checkpoint(folder / "checkpoints" / "last.safetensors")[1]["step"]
+        steps[key] = load_checkpoint(folder / "checkpoints" / "last.safetensors")[1]["step"]
 
     def train_a_prior(folder: Path, prior_kind: str, budget: float, key: str, **options) -> dict:
         t = time.time()
@@ -248,7 +248,7 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
         r = train_prior(folder, prior_kind, epochs=1000, max_minutes=budget, device=str(dev), cache_dir=out / "cache",
                         progress=progress, batch_size=16, seed=seed, **options)
         timings[key] = time.time() - t
-        steps[key.removeprefix("train_")] = r["step"]
+        steps[key] = r["step"]
         return r
 
     def evaluate_run() -> dict:  # the run that decodes the samples, once it is trained

@@ -248,9 +248,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
     # -- timings
     d.h(2, "Timings and machine")
     if demo_info:
-        steps = demo_info.get("steps", {})  # training stages only
+        steps = demo_info.get("steps", {})  # training stages only, keyed as timings_s
         d.table(["stage", "seconds", "steps"],
-                [[k, v, steps.get(k.removeprefix("train_"), "")] for k, v in demo_info.get("timings_s", {}).items()] +
+                [[k, v, steps.get(k, "")] for k, v in demo_info.get("timings_s", {}).items()] +
                 [["total", demo_info.get("total_s", float("nan")), ""]])
         d.p(f"Machine: {demo_info.get('machine', 'unknown')}.")
     else:
