@@ -183,6 +183,33 @@ def test_loss_masks_a_cosine_share_and_draws_from_the_global_rng():
     torch.testing.assert_close(model.loss(idx), a)
 
 
+def test_the_unrolled_loss_reads_the_priors_own_draws_and_predicts_every_real_code():
+    model = _model(num_classes=3).train()
+    inputs, logits = [], []
+    model.tok.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+
+    def keep(_m, _args, out):
+        out.retain_grad()
+        logits.append(out)
+
+    model.head.register_forward_hook(keep)
+    idx, cond = torch.randint(0, 6, (64, 4, 4)), torch.randint(0, 3, (64,))
+    torch.manual_seed(3)
+    out = model.losses(idx, cond, unrolled=True)
+    out["unrolled"].backward()
+    first, second, target = inputs[0], inputs[1], idx.flatten(1)
+    masked = first == model.mask_id
+    # the second pass reads the real codes where the first had them, and a drawn code (never [MASK]) elsewhere
+    assert torch.equal(second[~masked], target[~masked]) and bool((second[masked] < model.mask_id).all())
+    assert not torch.equal(second[masked], target[masked])  # an untrained prior draws other codes
+    assert logits[0].grad is None  # the draw carries no gradient back into the first pass
+    assert bool((logits[1].grad.abs().sum(-1) > 0).all())  # every position of the second pass is predicted
+    torch.testing.assert_close(out["unrolled"], F.cross_entropy(logits[1].flatten(0, 1).float(), target.flatten()))
+    torch.testing.assert_close(out["loss"], out["masked"] + out["unrolled"])
+    torch.manual_seed(3)  # the masked part is the plain loss at the same masks
+    torch.testing.assert_close(model.loss(idx, cond), out["masked"])
+
+
 @pytest.mark.parametrize("group", [1, 2])
 def test_tiny_maskgit_learns_two_patterns(group):
     """Every training grid is one of two fixed 4x4 patterns of 8 codes (chance of drawing either: 2 / 8**16);

@@ -149,6 +149,11 @@ def test_codebook_init_and_config_validation():
         PriorConfig(kind="gan").validate()
     with pytest.raises(ConfigError):
         PriorConfig(width=10, heads=4).validate()
+    upsampler = {"coarse_run": "c", "patch": 4, "autoregressive": True}
+    for kind, extra in (("transformer", {}), ("pixelcnn", {}), ("upsampler", upsampler)):
+        with pytest.raises(ConfigError, match="unrolled"):  # it draws codes in parallel passes
+            PriorConfig(kind=kind, unrolled=True, **extra).validate()
+    PriorConfig(kind="maskgit", unrolled=True).validate()
 
 
 def _tiny(kind: str, num_classes: int = 0, **kw) -> torch.nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
@@ -251,6 +253,20 @@ def test_an_attention_upsampler_trains_from_the_cli_and_samples_through_the_coar
     assert type(model) is AttentionUpsamplerPrior and meta["prior_config"]["group"] == 2 and model.patch == 8
     info = sampling.sample(fine, "upsampler", n=3, out=tmp_path / "s", seed=1, steps=3, progress=False)
     assert len(info["files"]) == 3 and all((tmp_path / "s" / f).is_file() for f in info["files"])
+
+
+def test_an_unrolled_upsampler_trains_from_the_cli_and_logs_its_masked_bits(two_runs, tmp_path):
+    fine, coarse = two_runs
+    prior.train_prior(coarse, "maskgit", epochs=1, progress=False, **TINY)
+    assert main(["train-prior", str(fine), "--kind", "upsampler", "--coarse", str(coarse), "--unrolled", "--epochs",
+                 "2", "--width", "16", "--layers", "2", "--batch-size", "4", "--no-progress"]) == 0
+    _, meta = prior.load_prior(fine, "upsampler")
+    assert meta["prior_config"]["unrolled"] is True
+    rows = list(csv.DictReader((fine / "prior-upsampler" / "metrics.csv").read_text().splitlines()))
+    # train bits are the masked codes' alone, as the validation bits: within a few bits of them, not their sum
+    assert all(abs(float(r["train_bits"]) - float(r["val_bits"])) < 2 for r in rows)
+    info = sampling.sample(fine, "upsampler", n=2, out=tmp_path / "s", seed=1, steps=3, progress=False)
+    assert len(info["files"]) == 2
 
 
 def test_an_autoregressive_upsampler_trains_from_the_cli_and_samples_through_the_coarse_prior(two_runs, tmp_path):

@@ -176,6 +176,8 @@ def cmd_train_prior(a) -> int:
         options["coarse_prior"] = a.coarse_prior
     if a.autoregressive:
         options["autoregressive"] = True
+    if a.unrolled:
+        options["unrolled"] = True
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
                          overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
                          progress=not a.no_progress, **options)
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--autoregressive", action="store_true",
                     help="upsampler: draw the fine codes one by one in raster order (a gated PixelCNN reading the "
                          "coarse image, as VQ-VAE-2) instead of in parallel masked passes; slower to sample")
+    tp.add_argument("--unrolled", action="store_true",
+                    help="maskgit / upsampler: also train on grids whose masked codes the prior filled itself "
+                         "(step-unrolled denoising), so it learns to correct its own draws; about 2x the time per step")
     tp.add_argument("--tilts", type=_positive_int, metavar="N",
                     help="train also on N tilted copies of every training volume (turned up to 10 degrees, scaled "
                          "up to 6%%, sliced again: new real cross-sections for small sets; volumes only, not the "

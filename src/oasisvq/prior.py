@@ -184,11 +184,13 @@ def _curve(rows: list[dict], path: Path, title: str) -> None:
 class _PriorLoss(nn.Module):
     """A prior's training loss as the loop's loss module (DDP wraps this, so gradients sync)."""
 
-    def __init__(self, prior: nn.Module):
+    def __init__(self, prior: nn.Module, unrolled: bool = False):
         super().__init__()
-        self.prior = prior
+        self.prior, self.unrolled = prior, unrolled
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.unrolled:
+            return self.prior.losses(x, cond, unrolled=True)
         return {"loss": self.prior.loss(x, cond)}
 
 
@@ -228,7 +230,7 @@ class PriorTask(training.Task):
         self.model = build_prior(cfg, vq.cfg.num_codes, grid).to(device)
         if init_weights and cfg.init_from_codebook:
             self.model.init_from_codebook(vq.quantizer.codebook)
-        self.loss_module = _PriorLoss(self.model)
+        self.loss_module = _PriorLoss(self.model, cfg.unrolled)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
         self._meta = dict(meta, kind="prior", prior_format=PRIOR_FORMAT, prior_config=dataclasses.asdict(cfg),
                           num_codes=vq.cfg.num_codes, grid=list(grid), class_counts=class_counts)
@@ -245,7 +247,7 @@ class PriorTask(training.Task):
 
     def row(self, at: training.Position, train: dict[str, float], val: dict[str, Any]) -> dict[str, Any]:
         return {"epoch": round(at.epochs_done, 4), "step": at.step, "time_s": round(at.elapsed_s, 2), "lr": at.lr,
-                "train_bits": train["loss"] / math.log(2), "val_bits": val["val_bits"]}
+                "train_bits": train.get("masked", train["loss"]) / math.log(2), "val_bits": val["val_bits"]}
 
     def meta(self) -> dict[str, Any]:
         return self._meta
@@ -329,7 +331,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     seed, kernel, init_from_codebook, cond_dropout, interpolate_levels, decode_steps, group, tilts (runs on
     volumes: tilted copies of the training volumes, ``data.tilted_slices``); for ``kind="upsampler"``:
     coarse_run, the run whose coarser reconstructions of the same slices condition it, coarse_prior, and
-    autoregressive).
+    autoregressive; for the masked kinds: unrolled, ``MaskedPrior.losses``).
     Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` classes) when every slice
     has one, else on nothing.
     ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a

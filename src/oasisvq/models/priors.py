@@ -65,6 +65,8 @@ class PriorConfig:
     # upsampler only: draw the fine codes one by one in raster order (a gated PixelCNN reading the coarse
     # image) instead of in parallel masked passes
     autoregressive: bool = False
+    # maskgit and upsampler: add the step-unrolled loss (MaskedPrior.losses), about twice the cost per step
+    unrolled: bool = False
     # train also on this many tilted copies of every training volume (data.tilted_slices): more real
     # cross-sections for priors that overfit a few subjects; volumes only, not the upsampler
     tilts: int = 0
@@ -85,6 +87,9 @@ class PriorConfig:
         if self.kind != "upsampler" and (self.coarse_run or self.autoregressive):
             raise ConfigError(f"prior.coarse_run and prior.autoregressive are for the upsampler prior only, "
                               f"not {self.kind!r}")
+        if self.unrolled and (self.kind not in ("maskgit", "upsampler") or self.autoregressive):
+            raise ConfigError(f"prior.unrolled is for the masked priors (maskgit, upsampler not autoregressive), "
+                              f"not {self.kind!r}{' (autoregressive)' if self.autoregressive else ''}")
         if self.num_classes < 0:
             raise ConfigError(f"prior.num_classes must be >= 0, got {self.num_classes}")
         if not 0 <= self.dropout < 1:
@@ -588,13 +593,29 @@ class MaskedPrior(Prior):
     def loss(self, indices: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy (nats) of the masked codes given the rest: per grid a share
         mask_ratio(u), u ~ U(0, 1), of the positions (at least one), chosen uniformly, is masked."""
+        return self.losses(indices, cond)["masked"]
+
+    def losses(self, indices: torch.Tensor, cond: torch.Tensor | None = None, unrolled: bool = False
+               ) -> dict[str, torch.Tensor]:
+        """``masked``: the loss above; with ``unrolled`` also ``unrolled``, step-unrolled denoising (SUNDAE,
+        Savinov et al. 2022): the masked codes are filled by a draw from the same pass's logits (no gradient)
+        and the prior predicts the real code at every position of that grid. Sampling reads the prior's own
+        draws, which disagree in ways real codes never do; this term trains it on them. ``loss`` is the sum."""
         n, h, w = indices.shape
+        self.check_cond(cond, n)
         length = h * w
         count = (mask_ratio(torch.rand(n)) * length).ceil().clamp(1, length)
         rank = torch.rand(n, length).argsort(1).argsort(1)  # a uniform random order of each grid's positions
-        masked = (rank < count[:, None]).view(n, h, w).to(indices.device)
-        logits = self(indices.masked_fill(masked, self.mask_id), cond)
-        return F.cross_entropy(logits.float(), indices.masked_fill(~masked, -100), ignore_index=-100)
+        masked = (rank < count[:, None]).to(indices.device)
+        seq, cond = indices.reshape(n, length), self._drop_cond(cond)
+        logits = self._run(seq.masked_fill(masked, self.mask_id), h, w, cond)
+        out = {"masked": F.cross_entropy(logits[masked].float(), seq[masked])}
+        if unrolled:
+            drawn = seq.masked_scatter(masked, _inverse_cdf(logits[masked].detach().float(), None))
+            again = self._run(drawn, h, w, cond)
+            out["unrolled"] = F.cross_entropy(again.reshape(-1, self.num_codes).float(), seq.reshape(-1))
+        out["loss"] = sum(out.values())
+        return out
 
     @torch.no_grad()
     def sample(self, n: int, grid_hw: tuple[int, int], temperature: float = 1.0, top_k: int = 0,
