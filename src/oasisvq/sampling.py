@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .errors import CheckpointError, ConfigError
 from .models.priors import MaskedPrior, level_coordinates
-from .prior import decode_uint8, fingerprint, load_prior, open_run, prior_dir, saved_config
+from .prior import decode_uint8, fingerprint, load_prior, open_run, position_classes, prior_dir, saved_config
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DETAIL_SEED = 0x5EED_DE7A  # the upsampler's random stream: seed XOR this
@@ -138,7 +138,7 @@ def sample(run_dir: Path | str, prior: str = "maskgit", n: int = 16, out: Path |
     if k_cls:
         if level is not None:
             levels = lo + (hi - lo) * torch.rand(n, generator=gen, device=dev)
-            conds = (levels * k_cls).long().clamp(0, k_cls - 1)
+            conds = position_classes(levels.cpu().numpy(), k_cls).to(dev)  # the bins training counted
         elif cond is None:
             p = torch.tensor(cond_meta["class_counts"], dtype=torch.float, device=dev) + 1e-3
             conds = torch.multinomial(p, n, replacement=True, generator=gen)
