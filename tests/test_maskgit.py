@@ -145,8 +145,8 @@ def test_given_codes_stay_and_only_the_masked_ones_are_drawn_in_the_given_passes
         model.sample(3, (4, 4), given=ragged)
 
 
-def test_loss_counts_only_the_masked_positions():
-    model = _model(num_classes=3).train()
+def _record_passes(model: MaskGITPrior) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each forward pass's input codes (N, L) and its logits, which keep their gradient."""
     inputs, logits = [], []
     model.tok.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
 
@@ -155,6 +155,12 @@ def test_loss_counts_only_the_masked_positions():
         logits.append(out)
 
     model.head.register_forward_hook(keep)
+    return inputs, logits
+
+
+def test_loss_counts_only_the_masked_positions():
+    model = _model(num_classes=3).train()
+    inputs, logits = _record_passes(model)
     idx, cond = torch.randint(0, 6, (64, 4, 4)), torch.randint(0, 3, (64,))
     loss = model.loss(idx, cond)
     loss.backward()
@@ -185,14 +191,7 @@ def test_loss_masks_a_cosine_share_and_draws_from_the_global_rng():
 
 def test_the_unrolled_loss_reads_the_priors_own_draws_and_predicts_every_real_code():
     model = _model(num_classes=3).train()
-    inputs, logits = [], []
-    model.tok.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
-
-    def keep(_m, _args, out):
-        out.retain_grad()
-        logits.append(out)
-
-    model.head.register_forward_hook(keep)
+    inputs, logits = _record_passes(model)
     idx, cond = torch.randint(0, 6, (64, 4, 4)), torch.randint(0, 3, (64,))
     torch.manual_seed(3)
     out = model.losses(idx, cond, unrolled=True)
