@@ -2,11 +2,14 @@
 real-vs-real floor.
 
     python benchmarks/generation.py --runs RUN [RUN ...] --minutes 8 [--kinds maskgit transformer] [--n 64]
-    python benchmarks/generation.py --data PATH --budgets 10 30 60 --out DIR
+    python benchmarks/generation.py --data PATH --budgets 10 30 60 --out DIR [--steps-from EARLIER_DIR]
 
 With ``--budgets``, each row is ``oasisvq demo --data PATH --minutes M`` (the recipe the demo runs, scaled
 to a total budget of M minutes: data, tokeniser(s), prior(s), sampling and evaluation all inside it) in
-DIR/budget-M; a two-level row's grid reads "16x16+64x64" and its minutes add both levels.
+DIR/budget-M; a two-level row's grid reads "16x16+64x64" and its minutes add both levels. The budgets are
+wall-clock, so a slower day trains fewer steps; ``--steps-from EARLIER_DIR`` trains every stage for the
+steps it made in EARLIER_DIR/budget-M (``oasisvq demo --steps-from``), so that a change is compared with
+an earlier row at the same steps on any day.
 
 Each RUN is a trained VQ-VAE (``oasisvq train``; its grid and training time are read from it). For every
 run: held-out reconstruction (``oasisvq evaluate``, whole slice and in the head, beside the down-f-up
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from oasisvq.checkpoint import load_checkpoint
-from oasisvq.demo import MARKER, PRIOR, run_demo
+from oasisvq.demo import MARKER, PRIOR, read_demo_steps, run_demo
 from oasisvq.errors import OasisVQError
 from oasisvq.evaluation import evaluate, evaluate_sample_dir, floor_name
 from oasisvq.evaluation.generation import FEATURES_VERSION
@@ -81,17 +84,21 @@ def _row(name: str, kind: str, run: Path, rec: dict, rep: dict, samples_per_s: f
         "conditional": meta["prior_config"]["num_classes"] > 0, "samples": str(out)}
 
 
-def _budget_rows(data: Path, budgets: list[float], out: Path, n: int, device: str) -> list[dict]:
+def _budget_rows(data: Path, budgets: list[float], out: Path, n: int, device: str, steps_from: Path | None
+                 ) -> list[dict]:
     rows = []
     for minutes in budgets:
         folder = out / f"budget-{minutes:g}"
-        run_demo(folder, minutes=minutes, data=[str(data)], device=device, samples=n, overwrite=True, progress=False)
+        stage_steps = read_demo_steps(steps_from / folder.name / MARKER) if steps_from else None
+        run_demo(folder, minutes=minutes, data=[str(data)], device=device, samples=n, overwrite=True, progress=False,
+                 stage_steps=stage_steps)
         rec = json.loads((folder / "run" / "eval-test" / "metrics.json").read_text())
         rep = json.loads((folder / "samples" / "samples_metrics.json").read_text())
         info = json.loads((folder / "samples" / "samples.json").read_text())
         recipe = json.loads((folder / MARKER).read_text())["recipe"]
-        row = _row(f"{data.name} {minutes:g} min", recipe["prior"], folder / "run", rec, rep,
-                   info["samples_per_second"], folder / "samples")
+        label = f"{data.name} {minutes:g} min" + (f" (steps of {steps_from})" if steps_from else "")
+        row = _row(label, recipe["prior"], folder / "run", rec, rep, info["samples_per_second"], folder / "samples")
+        row["stage steps"] = json.loads((folder / MARKER).read_text())["steps"]
         if recipe["two_level"]:  # both levels' training time; the layout run's grid first
             layout = Path(recipe["layout_run"])
             row["tok min"] += load_checkpoint(layout / "checkpoints" / "last.safetensors")[1]["elapsed_s"] / 60
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--runs", nargs="+", type=Path, help="trained VQ-VAE run folders")
     what.add_argument("--budgets", nargs="+", type=float, help="total budgets in minutes (with --data and --out)")
     ap.add_argument("--data", type=Path, help="data for --budgets (any layout oasisvq reads)")
+    ap.add_argument("--steps-from", type=Path, help="with --budgets: an earlier --out whose budget-M/demo.json "
+                                                    "steps every stage repeats, instead of the minutes")
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per prior (minutes)")
     ap.add_argument("--kinds", nargs="+", default=["maskgit", "transformer"])
     ap.add_argument("--n", type=int, default=64, help="samples per prior")
@@ -126,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.budgets and not (args.data and args.out):
         ap.error("--budgets needs --data and --out")
+    if args.steps_from and not args.budgets:
+        ap.error("--steps-from is for --budgets")
     rows = []
     try:
         if args.budgets:
-            rows = _budget_rows(args.data, args.budgets, args.out, args.n, args.device)
+            rows = _budget_rows(args.data, args.budgets, args.out, args.n, args.device, args.steps_from)
         for run in args.runs or []:
             rec = evaluate(run, split="test", device=args.device, progress=False)
             for kind in args.kinds:

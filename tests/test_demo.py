@@ -14,7 +14,8 @@ from oasisvq.checkpoint import load_checkpoint
 from oasisvq.cli import main
 from oasisvq.config import DataConfig, RunConfig, TrainConfig, model_preset
 from oasisvq.data import load_slices
-from oasisvq.demo import run_demo
+from oasisvq.demo import read_demo_steps, run_demo
+from oasisvq.errors import ConfigError
 from oasisvq.tokenizer import load_model, train
 
 from .conftest import load_benchmark
@@ -92,6 +93,23 @@ def test_demo_refuses_foreign_folder(tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_steps_from_a_demo_json(demo, tmp_path):
+    steps = json.loads((demo / "demo.json").read_text())["steps"]
+    assert list(steps) == ["train_vqvae", "train_prior"] and read_demo_steps(demo / "demo.json") == steps
+    bad = tmp_path / "demo.json"
+    for text, problem in (("{", "not the demo.json"), ('{"minutes": 10}', "not the demo.json"),
+                          ('{"steps": {"train_vqvae": 5}}', "not positive step counts"),
+                          ('{"steps": {"train_vqvae": 5, "train_prior": 0}}', "not positive step counts")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=problem):
+            read_demo_steps(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        read_demo_steps(tmp_path / "absent.json")
+    with pytest.raises(ConfigError, match="one-level demo"):
+        run_demo(tmp_path / "out", data=[str(demo / "data")], two_level=False,
+                 stage_steps={"train_vqvae": 1, "train_prior": 1, "train_vqvae_fine": 1, "train_upsampler": 1})
+
+
 def test_budget_split_leaves_the_measured_overhead():
     from oasisvq.demo import budget_split
 
@@ -111,19 +129,24 @@ def test_two_level_split_gives_the_upsampler_the_largest_share():
 
 
 def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatch):
-    """The demo's two-level recipe (16x16 layout + 64x64 detail), and the budget benchmark's row of it."""
+    """The demo's two-level recipe (16x16 layout + 64x64 detail) on a step budget, and the budget benchmark's
+    row of it."""
     data = tmp_path / "data"  # every 4th training slice: the wiring is under test, and encoding all is slow
     for split in ("train", "validate", "test"):
         (data / split).mkdir(parents=True)
         for png in sorted((demo / "data" / split).glob("*.png"))[::4 if split == "train" else 1]:
             (data / split / png.name).symlink_to(png)
     out = tmp_path / "budget-1"
-    r = run_demo(out, minutes=0.6, data=[str(data)], samples=16, two_level=True, progress=False)
+    # the stages' steps instead of minutes, as `oasisvq demo --steps-from` replays them: the four stages
+    # say that there are two levels, though 0.6 minutes alone would give one
+    steps = {"train_vqvae": 5, "train_prior": 4, "train_vqvae_fine": 3, "train_upsampler": 6}
+    r = run_demo(out, minutes=0.6, data=[str(data)], samples=16, progress=False, stage_steps=steps)
     info = json.loads((out / "demo.json").read_text())
     assert info["recipe"] == {"two_level": True, "prior": "upsampler", "run": str(out / "run"),
                               "layout_run": str(out / "layout-run")}
-    assert list(info["steps"]) == ["train_vqvae", "train_prior", "train_vqvae_fine", "train_upsampler"]
-    assert r["steps"] == info["steps"]
+    assert r["steps"] == info["steps"] == info["stage_steps"] == steps
+    assert read_demo_steps(out / "demo.json") == steps
+    assert "made the steps an earlier demo made" in (out / "report" / "report.md").read_text()
     assert (out / "layout-run" / "prior-maskgit" / "best.safetensors").is_file()
     assert (out / "run" / "prior-upsampler" / "best.safetensors").is_file()
     m = json.loads((out / "run" / "eval-test" / "metrics.json").read_text())
@@ -134,8 +157,10 @@ def test_two_level_demo_samples_through_the_upsampler(demo, tmp_path, monkeypatc
     assert "whose maskgit prior draws the layout" in (out / "report" / "report.md").read_text()
 
     bench = load_benchmark("generation")
-    monkeypatch.setattr(bench, "run_demo", lambda *a, **k: None)  # read the folder just written
-    (row,) = bench._budget_rows(demo / "data", [1], tmp_path, 16, "cpu")
+    replayed = []  # read the folder just written; --steps-from DIR hands DIR/budget-M's steps to the demo
+    monkeypatch.setattr(bench, "run_demo", lambda *a, **k: replayed.append(k["stage_steps"]))
+    (row,) = bench._budget_rows(demo / "data", [1], tmp_path, 16, "cpu", steps_from=tmp_path)
+    assert replayed == [steps] and row["stage steps"] == steps
     assert row["grid"] == "16x16+64x64" and row["prior"] == "upsampler"
     elapsed = lambda path: load_checkpoint(path)[1]["elapsed_s"] / 60
     assert row["tok min"] == pytest.approx(elapsed(out / "run" / "checkpoints" / "last.safetensors") +

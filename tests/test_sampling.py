@@ -99,6 +99,17 @@ def test_train_prior_writes_outputs_and_resume_matches_straight_run(run, tmp_pat
         prior.train_prior(run, "transformer", epochs=3, resume=True, progress=False, width=32)
 
 
+def test_train_prior_step_budget(run):
+    # a step budget alone rules (no default 10 epochs), ends mid-epoch, and a resumed run extends it
+    res = prior.train_prior(run, "maskgit", max_steps=4, progress=False, **TINY)
+    assert res["step"] == 4 and not res["stopped_by_time"]
+    res = prior.train_prior(run, "maskgit", max_steps=7, resume=True, progress=False)
+    assert res["step"] == 7
+    assert prior.saved_config(load_checkpoint(run / "prior-maskgit" / "last.safetensors")[1]).max_steps == 7
+    with pytest.raises(ConfigError, match="max_steps"):
+        prior.train_prior(run, "maskgit", max_steps=-1, overwrite=True, progress=False, **TINY)
+
+
 def test_tilts_train_also_on_the_codes_of_tilted_training_volumes_and_are_cached(tmp_path, monkeypatch):
     import nibabel as nib
 

@@ -12,7 +12,7 @@ import torch
 from oasisvq.checkpoint import load_checkpoint
 from oasisvq.cli import main as cli_main
 from oasisvq.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from oasisvq.errors import TrainingError
+from oasisvq.errors import ConfigError, TrainingError
 from oasisvq.tokenizer import train
 
 from .conftest import shared
@@ -128,6 +128,14 @@ def test_cli_train_and_evaluate_write_a_complete_run(tmp_path, session_cache, ca
     assert m["beats_downup_floor_in_head"] == (m["model"]["ssim_head"]["mean"] > floor_head)
     assert f"(inside head {floor_head:.4f})" in printed
 
+    # --resume with a step budget alone continues the run to that many steps (mid-epoch) and saves the budget
+    rc = cli_main(["train", "--out", str(run), "--resume", "--max-steps", "17", "--cache-dir", str(session_cache),
+                   "--no-progress"])
+    assert rc == 0
+    assert [int(r["step"]) for r in _rows(run)] == [7, 14, 17]
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["max_steps"] == 17 and saved["epochs"] == 0
+
 
 def test_stop_signal_on_an_evaluation_step_still_validates(tmp_path, session_cache, monkeypatch):
     """A SIGTERM that lands on a scheduled evaluation step must log that evaluation, so the resumed run's
@@ -193,3 +201,25 @@ def test_compiled_training_matches_eager_and_keeps_the_checkpoint_format(tmp_pat
     le, lc = (float(r["train_loss"]) for r in (_rows(tmp_path / "eager")[0], _rows(tmp_path / "compiled")[0]))
     assert lc == pytest.approx(le, rel=0.03)
     assert compiled["ssim"] == pytest.approx(eager["ssim"], abs=0.03)
+
+
+def test_a_step_budget_trains_those_steps_on_any_machine(tmp_path, session_cache):
+    # 14 steps are two epochs of 7: the same run bit for bit (data order, warm-up, cosine decay over the budget)
+    by_epochs, by_steps = tmp_path / "epochs", tmp_path / "steps"
+    train(_cfg(epochs=2), by_epochs, cache_dir=session_cache, progress=False)
+    train(_cfg(epochs=0, max_steps=14), by_steps, cache_dir=session_cache, progress=False)
+    wa, ma = _weights(by_epochs / "checkpoints" / "last.safetensors")
+    wb, mb = _weights(by_steps / "checkpoints" / "last.safetensors")
+    assert ma["step"] == mb["step"] == 14
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [r["lr"] for r in _rows(by_epochs)] == [r["lr"] for r in _rows(by_steps)]
+    # with epochs too, the fewer steps rule; a step budget ends mid-epoch, validated and saved
+    train(_cfg(epochs=3, max_steps=10), tmp_path / "mid", cache_dir=session_cache, progress=False)
+    assert [int(r["step"]) for r in _rows(tmp_path / "mid")] == [7, 10]
+    assert load_checkpoint(tmp_path / "mid" / "checkpoints" / "last.safetensors")[1]["step"] == 10
+    assert json.loads((tmp_path / "mid" / "config.json").read_text())["train"]["max_steps"] == 10
+    with pytest.raises(ConfigError, match="max_steps"):
+        _cfg(epochs=0, max_steps=-1)
+    with pytest.raises(ConfigError, match="max_steps must be positive"):
+        _cfg(epochs=0)

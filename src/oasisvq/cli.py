@@ -105,13 +105,13 @@ def build_train_config(a):
         cfg.data = replace(cfg.data, paths=[str(p) for p in a.data])
     if not cfg.data.paths:
         raise ConfigError("--data is required (a folder of PNG slices or volumes; repeat to combine sources)")
-    overrides = {"epochs": a.epochs, "max_minutes": a.max_minutes, "batch_size": a.batch_size,
+    overrides = {"epochs": a.epochs, "max_minutes": a.max_minutes, "max_steps": a.max_steps, "batch_size": a.batch_size,
                  "device": a.device, "seed": a.seed, "lr": a.lr, "compile": a.compile}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg.train, k, v)
-    if a.max_minutes is not None and a.epochs is None:
-        cfg.train.epochs = 0  # a time budget alone
+    if (a.max_minutes is not None or a.max_steps is not None) and a.epochs is None:
+        cfg.train.epochs = 0  # a time or step budget alone
     if a.size is not None:
         cfg.data = replace(cfg.data, size=a.size)
     return cfg.validate()
@@ -122,12 +122,14 @@ def cmd_train(a) -> int:
 
     if a.resume and not a.data and not a.config:
         cfg = None  # continue the run as configured on disk
-        if a.epochs is not None or a.max_minutes is not None:
+        if a.epochs is not None or a.max_minutes is not None or a.max_steps is not None:
             from .config import RunConfig
 
             cfg = RunConfig.load(Path(a.out) / "config.json")
-            cfg.train.epochs = a.epochs if a.epochs is not None else (0 if a.max_minutes else cfg.train.epochs)
+            alone = a.max_minutes or a.max_steps  # a new time or step budget alone, unless epochs are given too
+            cfg.train.epochs = a.epochs if a.epochs is not None else (0 if alone else cfg.train.epochs)
             cfg.train.max_minutes = a.max_minutes if a.max_minutes is not None else cfg.train.max_minutes
+            cfg.train.max_steps = a.max_steps if a.max_steps is not None else cfg.train.max_steps
     else:
         cfg = build_train_config(a)
     result = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, cache_dir=a.cache_dir,
@@ -179,7 +181,7 @@ def cmd_train_prior(a) -> int:
     if a.unrolled:
         options["unrolled"] = True
     result = train_prior(a.run, a.kind, epochs=a.epochs, max_minutes=a.max_minutes or 0.0, resume=a.resume,
-                         overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
+                         max_steps=a.max_steps or 0, overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir,
                          progress=not a.no_progress, **options)
     if os.environ.get("RANK", "0") == "0":
         _print_json(result)
@@ -246,10 +248,11 @@ def cmd_evaluate_samples(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
+    from .demo import read_demo_steps, run_demo
 
     r = run_demo(a.out, minutes=a.minutes, data=a.data, device=a.device, samples=a.samples, overwrite=a.overwrite,
-                 seed=a.seed, progress=not a.no_progress)
+                 seed=a.seed, progress=not a.no_progress,
+                 stage_steps=read_demo_steps(a.steps_from) if a.steps_from else None)
     stages = ", ".join(f"{stage.removeprefix('train_')} {n}" for stage, n in r["steps"].items())
     print(f"\nreport: {r['report_html']}")
     print(f"held-out SSIM {r['ssim']:.3f} ({'above' if r['ssim_above_0.6'] else 'NOT above'} 0.6; in-head "
@@ -299,6 +302,8 @@ def _opt_checkpoint(p: argparse.ArgumentParser, paths: bool = True) -> None:
 def _opt_budget(p: argparse.ArgumentParser, epochs_help: str, minutes_help: str) -> None:
     p.add_argument("--epochs", type=_positive_int, help=epochs_help)
     p.add_argument("--max-minutes", type=_positive_float, help=minutes_help)
+    p.add_argument("--max-steps", type=_positive_int,
+                   help="optimizer steps of the whole run (the same on any machine; with other limits, the first reached)")
 
 
 def _opt_resume(p: argparse.ArgumentParser, what: str) -> None:
@@ -333,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--data", action="append", help="use your own data instead (repeatable)")
     dm.add_argument("--samples", type=int, default=32, help="how many slices to generate (16..256, default 32)")
     dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--steps-from", type=Path, metavar="DEMO_JSON",
+                    help="train each stage for the steps a previous demo made (its demo.json) instead of minutes: "
+                         "the same recipe on a slower or faster machine, for comparisons across days")
     dm.add_argument("--overwrite", action="store_true", help="replace a non-demo folder at --out")
     _add_run_options(dm)
     dm.set_defaults(func=cmd_demo)

@@ -90,6 +90,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     max_minutes: float = 0.0  # > 0: stop after this much wall-clock training time
+    # > 0: stop after this many optimizer steps; unlike minutes, the same on any machine, so a run (or a
+    # benchmark row) repeats on a slower day with the steps a faster one made
+    max_steps: int = 0
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -103,8 +106,10 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: on | off | auto (runs of >= 1 min or >= 100 steps, 1 process)
 
     def validate(self) -> None:
-        if self.epochs <= 0 and self.max_minutes <= 0:
-            raise ConfigError("train.epochs or train.max_minutes must be positive")
+        if self.epochs <= 0 and self.max_minutes <= 0 and self.max_steps <= 0:
+            raise ConfigError("train.epochs, train.max_minutes or train.max_steps must be positive")
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.batch_size <= 0:
             raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
         if self.lr <= 0:

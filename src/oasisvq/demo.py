@@ -159,6 +159,26 @@ def two_level_split(minutes: float) -> tuple[float, float, float, float]:
     return 0.15 * training, 0.16 * training, 0.24 * training, 0.45 * training
 
 
+STAGES = ("train_vqvae", "train_prior")  # a demo's training stages, as keys of its demo.json "steps"
+TWO_LEVEL_STAGES = ("train_vqvae", "train_prior", "train_vqvae_fine", "train_upsampler")
+
+
+def read_demo_steps(path: Path | str) -> dict[str, int]:
+    """The training steps each stage of a finished demo made (its demo.json), for ``run_demo(stage_steps=...)``."""
+    path = Path(path)
+    try:
+        steps = json.loads(path.read_text())["steps"]
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (give the demo.json of a finished demo)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not the demo.json of a finished demo (no training steps: {e!r})") from None
+    if not isinstance(steps, dict) or tuple(steps) not in (STAGES, TWO_LEVEL_STAGES) or not all(
+            isinstance(n, int) and n > 0 for n in steps.values()):
+        raise ConfigError(f"{path}: its steps {steps!r} are not positive step counts of the stages "
+                          f"{', '.join(STAGES)} (and for two levels {', '.join(TWO_LEVEL_STAGES[2:])})")
+    return steps
+
+
 def _status(i: int, total: int, text: str) -> None:
     tqdm.write(f"[{i}/{total}] {text}")
 
@@ -175,11 +195,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list[str] | None = None,
              device: str = "auto", samples: int = 32, overwrite: bool = False, seed: int = 0,
-             progress: bool = True, two_level: bool | None = None) -> dict:
+             progress: bool = True, two_level: bool | None = None, stage_steps: dict[str, int] | None = None) -> dict:
     """Data -> VQ-VAE -> held-out SSIM -> prior -> samples -> generation metrics -> report, in ``minutes``.
 
     ``two_level`` adds the detail stage (a 64x64 VQ-VAE and an upsampler over its codes, given the 16x16
-    codes); by default it is on for CPU budgets of ``TWO_LEVEL_MINUTES`` or more."""
+    codes); by default it is on for CPU budgets of ``TWO_LEVEL_MINUTES`` or more. ``stage_steps`` (as
+    ``read_demo_steps`` reads them from an earlier demo) trains each stage for that many steps instead of
+    its share of the minutes, and its stages say whether there are two levels: the same recipe on a machine
+    of any speed."""
     from .evaluation import evaluate, evaluate_sample_dir, floor_name
     from .prior import train_prior
     from .report import machine_description, write_report
@@ -191,6 +214,12 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
         raise ConfigError(f"--minutes must be positive, got {minutes}")
     if not 16 <= samples <= 256:
         raise ConfigError(f"--samples must be between 16 and 256, got {samples}")
+    if stage_steps is not None:
+        if two_level is None:
+            two_level = "train_upsampler" in stage_steps
+        if tuple(stage_steps) != (TWO_LEVEL_STAGES if two_level else STAGES):
+            raise ConfigError(f"stage_steps {stage_steps!r} do not name the stages of a "
+                              f"{'two' if two_level else 'one'}-level demo")
     out = Path(out)
     _prepare_out(out, overwrite)
     dev = pick_device(device)
@@ -203,6 +232,8 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     total = 9 if two_level else 7
     step = iter(range(1, total + 1))
     info: dict = {"minutes": minutes, "device": str(dev), "seed": seed}
+    if stage_steps is not None:
+        info["stage_steps"] = stage_steps  # the budget: steps, not minutes
     atomic_write_text(out / MARKER, json.dumps(info, indent=2) + "\n")
 
     t = time.time()
@@ -234,19 +265,27 @@ def run_demo(out: Path | str = "oasisvq-demo", minutes: float = 10.0, data: list
     run, kind = (out / "run", FINE_PRIOR) if two_level else (layout_run, PRIOR)
     info["recipe"] = {"two_level": two_level, "prior": kind, "run": str(run), "layout_run": str(layout_run)}
 
+    def budget_of(key: str, minutes: float) -> tuple[float, int, str]:
+        """A stage's (minutes, steps, words): its share of the minutes, or the steps it is told to make."""
+        if stage_steps is None:
+            return minutes, 0, f"{minutes:.1f} min"
+        return 0.0, stage_steps[key], f"{stage_steps[key]} steps"
+
     def train_tokeniser(c: RunConfig, folder: Path, key: str) -> None:
         t = time.time()
+        c.train.max_minutes, c.train.max_steps, words = budget_of(key, c.train.max_minutes)
         _status(next(step), total, f"train VQ-VAE ({c.model.downsample}x: {c.data.size // c.model.downsample}^2 codes "
-                                   f"of {c.model.num_codes}) for {c.train.max_minutes:.1f} min on {dev}")
+                                   f"of {c.model.num_codes}) for {words} on {dev}")
         train(c, folder, overwrite=True, cache_dir=out / "cache", progress=progress)
         timings[key] = time.time() - t
         steps[key] = load_checkpoint(folder / "checkpoints" / "last.safetensors")[1]["step"]
 
-    def train_a_prior(folder: Path, prior_kind: str, budget: float, key: str, **options) -> dict:
+    def train_a_prior(folder: Path, prior_kind: str, minutes: float, key: str, **options) -> dict:
         t = time.time()
-        _status(next(step), total, f"train {prior_kind} prior for {budget:.1f} min")
-        r = train_prior(folder, prior_kind, epochs=1000, max_minutes=budget, device=str(dev), cache_dir=out / "cache",
-                        progress=progress, batch_size=16, seed=seed, **options)
+        minutes, max_steps, words = budget_of(key, minutes)
+        _status(next(step), total, f"train {prior_kind} prior for {words}")
+        r = train_prior(folder, prior_kind, epochs=1000, max_minutes=minutes, max_steps=max_steps, device=str(dev),
+                        cache_dir=out / "cache", progress=progress, batch_size=16, seed=seed, **options)
         timings[key] = time.time() - t
         steps[key] = r["step"]
         return r

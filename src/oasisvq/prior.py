@@ -322,7 +322,7 @@ def saved_config(meta: dict[str, Any]) -> PriorConfig:
 
 
 def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None = None,
-                max_minutes: float = 0.0, resume: bool = False, *, overwrite: bool = False, device: str = "auto",
+                max_minutes: float = 0.0, resume: bool = False, *, max_steps: int = 0, overwrite: bool = False, device: str = "auto",
                 cache_dir: Path | str | None = None, progress: bool = True, val_grids: int = 512,
                 **options: Any) -> dict[str, Any]:
     """Train a prior of ``kind`` on the code grids of the run's training split.
@@ -334,14 +334,15 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
     autoregressive; for the masked kinds: unrolled, ``MaskedPrior.losses``).
     Without ``num_classes`` the prior conditions on the slice level (``LEVEL_CLASSES`` classes) when every slice
     has one, else on nothing.
-    ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` is given; a
-    resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds the
-    wall-clock time of this call. Validation uses at most ``val_grids`` validate-split grids (a fixed
+    ``epochs`` is the total number of epochs (default: 10, or no limit when ``max_minutes`` or ``max_steps``
+    is given; a resumed run continues up to it, by default to the saved total); ``max_minutes`` > 0 bounds
+    the wall-clock time of this call, ``max_steps`` > 0 the optimizer steps of the whole run (the same on any
+    machine), whichever ends first. Validation uses at most ``val_grids`` validate-split grids (a fixed
     subset). Returns the final metrics row plus paths.
 
     Under ``torchrun``, ``batch_size`` is per process, each rank reads its share of every global batch,
     rank 0 validates and writes, and a run resumes on another number of processes."""
-    fields = {f.name for f in dataclasses.fields(PriorConfig)} - {"kind", "epochs", "max_minutes"}
+    fields = {f.name for f in dataclasses.fields(PriorConfig)} - {"kind", "epochs", "max_minutes", "max_steps"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(f"unknown prior option(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
@@ -354,10 +355,10 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         if options.get("coarse_run"):  # samples must find it from any working folder
             options["coarse_run"] = str(Path(options["coarse_run"]).resolve())
     if not resume:  # bad options fail before any slow encoding; the level classes are settled after it
-        # a time budget alone rules (as in `oasisvq train`); with neither, 10 epochs
-        default_epochs = 0 if max_minutes > 0 else 10
+        # a time or step budget alone rules (as in `oasisvq train`); with neither, 10 epochs
+        default_epochs = 0 if max_minutes > 0 or max_steps > 0 else 10
         cfg = PriorConfig(kind=kind, epochs=default_epochs if epochs is None else epochs, max_minutes=max_minutes,
-                          **{"num_classes": LEVEL_CLASSES, **options}).validate()
+                          max_steps=max_steps, **{"num_classes": LEVEL_CLASSES, **options}).validate()
     last_path = pdir / "last.safetensors"
     if resume and not last_path.is_file():
         raise ConfigError(f"{pdir}: nothing to resume (no last.safetensors); train without --resume first")
@@ -381,7 +382,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
             differ = [k for k, v in options.items() if getattr(cfg, k) != v]
             if differ:
                 raise ConfigError(f"{pdir}: --resume keeps the saved settings; these differ: {', '.join(differ)}")
-            cfg.epochs, cfg.max_minutes = (cfg.epochs if epochs is None else epochs), max_minutes
+            cfg.epochs, cfg.max_minutes, cfg.max_steps = (cfg.epochs if epochs is None else epochs), max_minutes, max_steps
         fp = fingerprint(run_dir)
         if resume and saved.get("vqvae") != fp and rank == 0:
             warnings.warn(f"{run_dir}: the VQ-VAE changed since this prior was started; its codes are re-encoded",
@@ -422,7 +423,7 @@ def train_prior(run_dir: Path | str, kind: str = "maskgit", epochs: int | None =
         task = PriorTask(cfg, pdir, codes, vq, dev, init_weights=not resume, val_grids=val_grids,
                          meta={"vqvae": fp, "image_size": run_cfg.data.size, **coarse_meta})
         budget = training.Budget(epochs=cfg.epochs, max_minutes=cfg.max_minutes, batch_size=cfg.batch_size,
-                                 seed=cfg.seed, minutes_per_call=True)
+                                 seed=cfg.seed, minutes_per_call=True, max_steps=cfg.max_steps)
         result = training.fit(task, budget, resume=resume, rank=rank, world=world, progress=progress)
     return dict(result["row"], best_val_bits=result["best"], prior_dir=str(pdir), train_seconds=result["elapsed_s"],
                 stopped_by_time=result["stopped_by_time"], num_classes=cfg.num_classes)

@@ -253,6 +253,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, samples_dir
                 [[k, v, steps.get(k, "")] for k, v in demo_info.get("timings_s", {}).items()] +
                 [["total", demo_info.get("total_s", float("nan")), ""]])
         d.p(f"Machine: {demo_info.get('machine', 'unknown')}.")
+        if "stage_steps" in demo_info:
+            d.p("Each training stage made the steps an earlier demo made (--steps-from), not a share of "
+                f"{demo_info.get('minutes', 0):g} minutes: the same recipe on a machine of any speed.")
     else:
 
         d.p(f"Report written on: {machine_description()}.")

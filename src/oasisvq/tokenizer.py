@@ -232,7 +232,7 @@ def train(cfg: RunConfig | None, out: Path | str, resume: bool = False, overwrit
         task = VQVAETask(cfg, out, device, rank, cache_dir, progress, skip_bad)
         t = cfg.train
         budget = Budget(epochs=t.epochs, max_minutes=t.max_minutes, batch_size=t.batch_size, seed=t.seed,
-                        evals_per_epoch=t.evals_per_epoch, amp=t.amp, compile=t.compile)
+                        evals_per_epoch=t.evals_per_epoch, amp=t.amp, compile=t.compile, max_steps=t.max_steps)
         result = fit(task, budget, resume=resume, rank=rank, world=world, progress=progress,
                      fault_at_step=_fault_at_step)
         return {k[4:]: v for k, v in (result["val"] or {}).items() if k != "val_code_counts"}
@@ -249,6 +249,7 @@ def _check_resume_config(new: RunConfig | None, old: RunConfig, out: Path) -> No
 
 
 def _merge_budget(old: RunConfig, new: RunConfig) -> RunConfig:
-    """On resume only the budget may change (more epochs or minutes)."""
-    old.train.epochs, old.train.max_minutes = new.train.epochs, new.train.max_minutes
+    """On resume only the budget may change (more epochs, minutes or steps)."""
+    old.train.epochs, old.train.max_minutes, old.train.max_steps = (new.train.epochs, new.train.max_minutes,
+                                                                    new.train.max_steps)
     return old

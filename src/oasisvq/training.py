@@ -233,6 +233,7 @@ class Budget:
     amp: bool = True  # autocast on CUDA
     compile: str = "off"  # on | off | auto (see compile_decision)
     minutes_per_call: bool = False  # the time budget counts this call's wall clock, not all training time
+    max_steps: int = 0  # > 0: a budget of optimizer steps over the whole run (with epochs: whichever is fewer)
 
 
 @dataclass
@@ -309,7 +310,7 @@ def fit(task: Task, budget: Budget, *, resume: bool = False, rank: int = 0, worl
     if steps_per_epoch == 0:
         raise ConfigError(f"batch size {budget.batch_size} x {world} process(es) is larger than the training "
                           f"split ({task.n_items} items)")
-    total_steps = budget.epochs * steps_per_epoch if budget.epochs > 0 else 0
+    total_steps = min((n for n in (budget.epochs * steps_per_epoch, budget.max_steps) if n > 0), default=0)
     autocast, amp_dtype = autocast_for(device, budget.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     if device.type == "cuda":

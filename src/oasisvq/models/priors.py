@@ -52,6 +52,7 @@ class PriorConfig:
     batch_size: int = 32
     epochs: int = 10
     max_minutes: float = 0.0  # > 0: stop training after this much wall-clock time
+    max_steps: int = 0  # > 0: stop training after this many optimizer steps (as TrainConfig.max_steps)
     seed: int = 0
     kernel: int = 5  # PixelCNN and the autoregressive upsampler: kernel width (odd)
     decode_steps: int = 12  # MaskGIT and upsampler: parallel decoding passes per sample
@@ -98,8 +99,10 @@ class PriorConfig:
             raise ConfigError(f"prior.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0:
             raise ConfigError(f"prior.lr must be positive, got {self.lr}")
-        if self.epochs <= 0 and self.max_minutes <= 0:
-            raise ConfigError("prior.epochs or prior.max_minutes must be positive")
+        if self.epochs <= 0 and self.max_minutes <= 0 and self.max_steps <= 0:
+            raise ConfigError("prior.epochs, prior.max_minutes or prior.max_steps must be positive")
+        if self.max_steps < 0:
+            raise ConfigError(f"prior.max_steps must be >= 0, got {self.max_steps}")
         return self
 
 
