@@ -257,7 +257,7 @@ def cmd_demo(a) -> int:
     print(f"\nreport: {r['report_html']}")
     print(f"held-out SSIM {r['ssim']:.3f} ({'above' if r['ssim_above_0.6'] else 'NOT above'} 0.6; in-head "
           f"{r['ssim_head']:.3f}; non-learned floor {r['floor_ssim']:.3f}) in {r['minutes']:.1f} min "
-          f"(training steps: {stages})")
+          f"(training steps: {stages}; the same steps on any machine: --steps-from {Path(a.out) / 'demo.json'})")
     return 0
 
 
