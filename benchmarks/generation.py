@@ -2,6 +2,7 @@
 real-vs-real floor.
 
     python benchmarks/generation.py --runs RUN [RUN ...] --minutes 8 [--kinds maskgit transformer] [--n 64]
+    python benchmarks/generation.py --runs RUN [RUN ...] --steps 2000 ...
     python benchmarks/generation.py --data PATH --budgets 10 30 60 --out DIR [--steps-from EARLIER_DIR]
 
 With ``--budgets``, each row is ``oasisvq demo --data PATH --minutes M`` (the recipe the demo runs, scaled
@@ -13,7 +14,7 @@ an earlier row at the same steps on any day.
 
 Each RUN is a trained VQ-VAE (``oasisvq train``; its grid and training time are read from it). For every
 run: held-out reconstruction (``oasisvq evaluate``, whole slice and in the head, beside the down-f-up
-floor), then for every prior kind: train for M minutes (reused if RUN/prior-<kind> exists, unless
+floor), then for every prior kind: train for M minutes or S steps (reused if RUN/prior-<kind> exists, unless
 --retrain), sample N slices (conditional priors at levels drawn uniformly over the head), and measure them
 in the fixed feature space (``oasisvq evaluate-samples``; "2-sample decoded" is the two-sample accuracy of
 the floor's slices through the run's tokeniser, what a perfect prior would score). Samples, grids and
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-from", type=Path, help="with --budgets: an earlier --out whose budget-M/demo.json "
                                                     "steps every stage repeats, instead of the minutes")
     ap.add_argument("--minutes", type=float, default=5.0, help="training budget per prior (minutes)")
+    ap.add_argument("--steps", type=int, default=0, help="training budget per prior in steps, instead of --minutes "
+                                                        "(the same on any machine)")
     ap.add_argument("--kinds", nargs="+", default=["maskgit", "transformer"])
     ap.add_argument("--n", type=int, default=64, help="samples per prior")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of conditional priors")
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = (args.out / run.name if args.out else run / "benchmark-generation") / kind
                 pdir = prior_dir(run, kind)
                 if args.retrain or not (pdir / "last.safetensors").is_file():
-                    train_prior(run, kind, epochs=10**6, max_minutes=args.minutes, device=args.device,
-                                overwrite=True, progress=False, **arch)
+                    train_prior(run, kind, epochs=10**6, max_minutes=0.0 if args.steps else args.minutes,
+                                max_steps=args.steps, device=args.device, overwrite=True, progress=False, **arch)
                 meta = load_checkpoint(pdir / "last.safetensors")[1]
                 conditional = meta["prior_config"]["num_classes"] > 0
                 info = sample(run, kind, n=args.n, out=out, temperature=args.temperature,

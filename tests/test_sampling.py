@@ -222,12 +222,14 @@ def test_benchmark_script_prints_a_table(run, tmp_path, capsys, monkeypatch):
     data = _slices((40, 6, 6))  # at least one batch of the default prior batch size (32)
     monkeypatch.setattr("oasisvq.data.load_slices", lambda *a, **kw: data)
     bench = load_benchmark("generation")
-    rc = bench.main(["--runs", str(run), "--kinds", "transformer", "pixelcnn", "--minutes", "0.01", "--n", "4",
+    rc = bench.main(["--runs", str(run), "--kinds", "transformer", "pixelcnn", "--steps", "2", "--n", "4",
                      "--layers", "1", "--width", "16", "--out", str(tmp_path / "bench"), "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "transformer" in out and "pixelcnn" in out and "Frechet" in out and "samples/s" in out
     assert (tmp_path / "bench" / "run" / "pixelcnn" / "samples_metrics.json").is_file()
+    rows = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert [r["steps"] for r in rows] == [2, 2]  # a step budget per prior
 
 
 def test_resume_after_a_crash_mid_epoch(run, monkeypatch):
