@@ -96,10 +96,11 @@ def _budget_rows(data: Path, budgets: list[float], out: Path, n: int, device: st
         rec = json.loads((folder / "run" / "eval-test" / "metrics.json").read_text())
         rep = json.loads((folder / "samples" / "samples_metrics.json").read_text())
         info = json.loads((folder / "samples" / "samples.json").read_text())
-        recipe = json.loads((folder / MARKER).read_text())["recipe"]
+        demo = json.loads((folder / MARKER).read_text())
+        recipe = demo["recipe"]
         label = f"{data.name} {minutes:g} min" + (f" (steps of {steps_from})" if steps_from else "")
         row = _row(label, recipe["prior"], folder / "run", rec, rep, info["samples_per_second"], folder / "samples")
-        row["stage steps"] = json.loads((folder / MARKER).read_text())["steps"]
+        row["stage steps"] = demo["steps"]
         if recipe["two_level"]:  # both levels' training time; the layout run's grid first
             layout = Path(recipe["layout_run"])
             row["tok min"] += load_checkpoint(layout / "checkpoints" / "last.safetensors")[1]["elapsed_s"] / 60
